@@ -1,0 +1,1 @@
+"""HSI Cluster science core: pure numpy/torch/rasterio, never imports QGIS."""

@@ -1,0 +1,79 @@
+"""Spectral preprocessing shared by the methods: band standardisation and PCA over valid pixels.
+
+All statistics are computed over valid (non-nodata) pixels only; nodata pixels are written as 0,
+which after standardisation is the mean of every channel, so they are neutral inputs for the
+convolutions that see them at the edge of the valid area.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BandStandardiser:
+    """Per-band mean / standard deviation fitted on valid pixels."""
+
+    mean: np.ndarray  # (B,)
+    std: np.ndarray  # (B,)
+
+    @classmethod
+    def fit(cls, pixels: np.ndarray) -> BandStandardiser:
+        pixels = np.asarray(pixels, dtype=np.float64)
+        mean = pixels.mean(axis=0)
+        std = pixels.std(axis=0)
+        # A constant band carries no information; dividing by 1 keeps it at 0 instead of NaN.
+        std = np.where(std > 1e-12, std, 1.0)
+        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32))
+
+    def transform(self, pixels: np.ndarray) -> np.ndarray:
+        return ((pixels - self.mean) / self.std).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PCAProjection:
+    """Principal axes of standardised valid pixels, largest variance first."""
+
+    mean: np.ndarray  # (B,)
+    components: np.ndarray  # (n_components, B)
+    explained_variance_ratio: np.ndarray  # (n_components,)
+
+    @classmethod
+    def fit(cls, pixels: np.ndarray, n_components: int) -> PCAProjection:
+        pixels = np.asarray(pixels, dtype=np.float64)
+        n_components = min(n_components, pixels.shape[1])
+        mean = pixels.mean(axis=0)
+        # B x B covariance: O(n B^2) time and O(B^2) memory, whatever the pixel count.
+        covariance = np.cov(pixels - mean, rowvar=False).reshape(pixels.shape[1], pixels.shape[1])
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        order = np.argsort(eigenvalues)[::-1][:n_components]
+        components = eigenvectors[:, order].T
+        # Fix each axis' sign (largest absolute loading positive) so runs are reproducible.
+        signs = np.sign(components[np.arange(n_components), np.abs(components).argmax(axis=1)])
+        components = components * signs[:, None]
+        total = max(float(eigenvalues.clip(min=0).sum()), 1e-12)
+        ratio = eigenvalues[order].clip(min=0) / total
+        return cls(
+            mean=mean.astype(np.float32),
+            components=components.astype(np.float32),
+            explained_variance_ratio=ratio.astype(np.float32),
+        )
+
+    def transform(self, pixels: np.ndarray) -> np.ndarray:
+        return ((pixels - self.mean) @ self.components.T).astype(np.float32)
+
+
+def standardised_pca_pixels(pixels: np.ndarray, n_components: int) -> np.ndarray:
+    """The reference SCDSC input: standardise bands, PCA, then standardise the components."""
+    standardised = BandStandardiser.fit(pixels).transform(pixels)
+    projected = PCAProjection.fit(standardised, n_components).transform(standardised)
+    return BandStandardiser.fit(projected).transform(projected)
+
+
+def pixels_to_image(pixels: np.ndarray, valid: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Scatter (n_valid, C) rows back onto an (H, W, C) grid in row-major order."""
+    image = np.full((*valid.shape, pixels.shape[1]), fill, dtype=np.float32)
+    image[valid] = pixels
+    return image

@@ -1,0 +1,202 @@
+"""Processing algorithm: evaluate a cluster raster against reference labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from osgeo import gdal, ogr, osr
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeature,
+    QgsFeatureSink,
+    QgsField,
+    QgsFields,
+    QgsProcessing,
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterField,
+    QgsProcessingParameterMapLayer,
+    QgsProcessingParameterRasterLayer,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
+from qgis.PyQt.QtCore import QVariant
+
+from engine.metrics import score_clustering
+from engine.raster_io import RasterGrid, read_labels
+from processing_provider.base import HSIAlgorithm, OutputFiles
+
+HELP = """
+<p>Scores a cluster raster (0 = nodata, clusters 1..k) against reference labels: a label raster
+(0 = unlabelled) or a polygon layer with a class field (numeric codes or class names). Clusters
+are matched to classes with the Hungarian algorithm before overall accuracy (OA), Cohen's kappa
+and per-class accuracy are computed; NMI and ARI need no matching. Only pixels that have both a
+reference label and a cluster are scored.</p>
+<p>A reference on another grid is resampled (nearest neighbour) onto the cluster raster's grid;
+polygons are reprojected to the raster's CRS and burnt in at pixel centres.</p>
+"""
+
+
+class EvaluateClusteringAlgorithm(HSIAlgorithm):
+    REFERENCE = "REFERENCE"
+    CLASS_FIELD = "CLASS_FIELD"
+    OUTPUT_TABLE = "OUTPUT_TABLE"
+
+    algorithm_id = "evaluateclustering"
+    display_name = "Evaluate clustering"
+    group_name = "Evaluation"
+    group_id = "evaluation"
+    help_text = HELP
+
+    def define_parameters(self) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Cluster raster"))
+        self.addParameter(QgsProcessingParameterMapLayer(
+            self.REFERENCE, "Reference labels (label raster or polygon layer)",
+            types=[QgsProcessing.TypeRaster, QgsProcessing.TypeVectorPolygon],
+        ))
+        self.addParameter(QgsProcessingParameterField(
+            self.CLASS_FIELD, "Class field (polygon reference only)", None, self.REFERENCE,
+            optional=True,
+        ))
+        self.addParameter(QgsProcessingParameterFeatureSink(
+            self.OUTPUT_TABLE, "Per-class accuracy", QgsProcessing.TypeVector, optional=True,
+            createByDefault=False,
+        ))
+        for name, description in (("OA", "Overall accuracy"), ("NMI", "NMI"),
+                                  ("KAPPA", "Cohen's kappa"), ("ARI", "Adjusted Rand index"),
+                                  ("N_SCORED", "Scored pixels")):
+            self.addOutput(QgsProcessingOutputNumber(name, description))
+
+    def run(self, parameters, context, feedback, monitor, written: OutputFiles) -> dict[str, Any]:
+        cluster_path = self.input_raster_path(parameters, context)
+        predicted, grid = read_labels(cluster_path)
+        reference_layer = self.parameterAsLayer(parameters, self.REFERENCE, context)
+        if reference_layer is None or not reference_layer.isValid():
+            raise QgsProcessingException("The reference layer cannot be opened.")
+        class_names: dict[int, str] = {}
+        if isinstance(reference_layer, QgsRasterLayer):
+            reference = _reference_raster_on_grid(reference_layer.source(), grid, feedback)
+        elif isinstance(reference_layer, QgsVectorLayer):
+            field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
+            if not field:
+                raise QgsProcessingException(
+                    "A polygon reference needs a class field: choose the field that holds the "
+                    "class of each polygon."
+                )
+            reference, class_names = _rasterize_polygons(reference_layer, field, grid)
+        else:
+            raise QgsProcessingException("The reference must be a raster or a polygon layer.")
+        monitor.progress(0.5)
+
+        scores = score_clustering(reference, predicted)
+        feedback.pushInfo(
+            f"OA {scores.overall_accuracy:.4f}  NMI {scores.nmi:.4f}  kappa {scores.kappa:.4f}  "
+            f"ARI {scores.ari:.4f}  on {scores.n_scored} pixels"
+        )
+        for class_id, accuracy in sorted(scores.per_class_accuracy.items()):
+            name = class_names.get(class_id, str(class_id))
+            feedback.pushInfo(f"  class {name}: accuracy {accuracy:.4f}")
+
+        results: dict[str, Any] = {"OA": scores.overall_accuracy, "NMI": scores.nmi,
+                                   "KAPPA": scores.kappa, "ARI": scores.ari,
+                                   "N_SCORED": scores.n_scored}
+        if parameters.get(self.OUTPUT_TABLE) is not None:
+            results[self.OUTPUT_TABLE] = self._write_table(parameters, context, reference,
+                                                           scores, class_names)
+        monitor.progress(1.0)
+        return results
+
+    def _write_table(self, parameters, context, reference, scores, class_names) -> str:
+        fields = QgsFields()
+        fields.append(QgsField("class", QVariant.String))
+        fields.append(QgsField("class_code", QVariant.Int))
+        fields.append(QgsField("cluster", QVariant.Int))
+        fields.append(QgsField("pixels", QVariant.Int))
+        fields.append(QgsField("accuracy", QVariant.Double))
+        sink, destination = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields,
+                                                 QgsWkbTypes.NoGeometry)
+        cluster_of_class = {class_id: cluster for cluster, class_id in scores.mapping.items()}
+        for class_id, accuracy in sorted(scores.per_class_accuracy.items()):
+            feature = QgsFeature(fields)
+            feature.setAttributes([
+                class_names.get(class_id, str(class_id)), int(class_id),
+                int(cluster_of_class.get(class_id, 0)), int((reference == class_id).sum()),
+                float(accuracy),
+            ])
+            sink.addFeature(feature, QgsFeatureSink.FastInsert)
+        return destination
+
+
+def _reference_raster_on_grid(path: str, grid: RasterGrid, feedback) -> np.ndarray:
+    reference, reference_grid = read_labels(path)
+    if reference_grid == grid:
+        return reference
+    feedback.pushWarning("The reference raster is on another grid; it is resampled (nearest "
+                         "neighbour) onto the cluster raster's grid.")
+    width, height = grid.width, grid.height
+    left, top = grid.transform.c, grid.transform.f
+    right = left + grid.transform.a * width
+    bottom = top + grid.transform.e * height
+    warped = gdal.Warp("", path, format="MEM", width=width, height=height,
+                       outputBounds=(left, min(top, bottom), right, max(top, bottom)),
+                       dstSRS=grid.crs_wkt or None, resampleAlg="near")
+    values = warped.GetRasterBand(1).ReadAsArray().astype(np.int64)
+    nodata = warped.GetRasterBand(1).GetNoDataValue()
+    if nodata is not None:
+        values[values == nodata] = 0
+    values[values < 0] = 0
+    return values
+
+
+def _rasterize_polygons(layer: QgsVectorLayer, field: str,
+                        grid: RasterGrid) -> tuple[np.ndarray, dict[int, str]]:
+    """Burn the class of each polygon (reprojected to the grid's CRS) at pixel centres."""
+    index = layer.fields().indexOf(field)
+    if index < 0:
+        raise QgsProcessingException(f"The reference layer has no field '{field}'.")
+    values = [feature[field] for feature in layer.getFeatures()]
+    numeric = all(isinstance(v, (int, float)) and v == int(v) for v in values if v is not None)
+    if numeric:
+        codes = {v: int(v) for v in values if v is not None}
+        names: dict[int, str] = {}
+    else:
+        ordered = sorted({str(v) for v in values if v is not None})
+        codes = {name: position for position, name in enumerate(ordered, start=1)}
+        names = {position: name for name, position in codes.items()}
+
+    spatial_reference = osr.SpatialReference()
+    if grid.crs_wkt:
+        spatial_reference.ImportFromWkt(grid.crs_wkt)
+    transform = None
+    if grid.crs_wkt and layer.crs().isValid():
+        target = QgsCoordinateReferenceSystem.fromWkt(grid.crs_wkt)
+        if target != layer.crs():
+            transform = QgsCoordinateTransform(layer.crs(), target, QgsProject.instance())
+    memory = ogr.GetDriverByName("Memory").CreateDataSource("reference")
+    burn_layer = memory.CreateLayer("reference", srs=spatial_reference, geom_type=ogr.wkbPolygon)
+    burn_layer.CreateField(ogr.FieldDefn("code", ogr.OFTInteger))
+    for feature in layer.getFeatures():
+        value = feature[field]
+        if value is None or feature.geometry().isEmpty():
+            continue
+        geometry = feature.geometry()
+        if transform is not None:
+            geometry.transform(transform)
+        ogr_feature = ogr.Feature(burn_layer.GetLayerDefn())
+        ogr_feature.SetField("code", codes[value if numeric else str(value)])
+        ogr_feature.SetGeometry(ogr.CreateGeometryFromWkb(bytes(geometry.asWkb())))
+        burn_layer.CreateFeature(ogr_feature)
+    target_raster = gdal.GetDriverByName("MEM").Create("", grid.width, grid.height, 1,
+                                                       gdal.GDT_Int32)
+    target_raster.SetGeoTransform(grid.transform.to_gdal())
+    if grid.crs_wkt:
+        target_raster.SetProjection(grid.crs_wkt)
+    gdal.RasterizeLayer(target_raster, [1], burn_layer, options=["ATTRIBUTE=code"])
+    reference = target_raster.GetRasterBand(1).ReadAsArray().astype(np.int64)
+    reference[reference < 0] = 0
+    return reference, names

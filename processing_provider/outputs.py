@@ -1,0 +1,76 @@
+"""QGIS-side output helpers: paletted styles for label rasters, cluster polygons as GeoPackage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from osgeo import gdal, ogr, osr
+from qgis.core import QgsPalettedRasterRenderer, QgsProcessingException, QgsRasterLayer
+from qgis.PyQt.QtGui import QColor
+
+from engine.quicklook import default_palette
+from engine.raster_io import RasterGrid, atomic_output, write_label_raster
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work is lost if the output cannot be written."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise QgsProcessingException(
+            f"Cannot write '{path}': the folder '{folder}' does not exist. Choose an existing "
+            "folder for the output."
+        )
+    if not os.access(folder, os.W_OK):
+        raise QgsProcessingException(
+            f"Cannot write '{path}': the folder '{folder}' is not writable. Choose another folder."
+        )
+    if Path(path).exists() and not os.access(path, os.W_OK):
+        raise QgsProcessingException(f"Cannot overwrite '{path}': the file is read-only.")
+
+
+def paletted_style(path: str, n_classes: int, class_name: str = "Cluster") -> Path:
+    """Write ``<raster>.qml`` (next to the raster, so QGIS applies it when the layer loads)."""
+    layer = QgsRasterLayer(path, Path(path).stem, "gdal")
+    if not layer.isValid():
+        raise QgsProcessingException(f"The written raster '{path}' cannot be opened by QGIS.")
+    classes = [
+        QgsPalettedRasterRenderer.Class(value, QColor(*rgb), f"{class_name} {value}")
+        for value, rgb in enumerate(default_palette(n_classes), start=1)
+    ]
+    layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
+    style_path = Path(path).with_suffix(".qml")
+    message, ok = layer.saveNamedStyle(str(style_path))
+    if not ok:
+        raise QgsProcessingException(f"Cannot write the style '{style_path}': {message}")
+    return style_path
+
+
+def write_label_raster_with_style(path: str, labels: np.ndarray, grid: RasterGrid,
+                                  n_classes: int, class_name: str = "Cluster") -> None:
+    write_label_raster(path, labels, grid, n_classes)
+    paletted_style(path, n_classes, class_name)
+
+
+def polygonize_labels(raster_path: str, gpkg_path: str, field_name: str = "cluster") -> int:
+    """One polygon per connected region of equal label (0 = nodata skipped); returns the count."""
+    source = gdal.Open(raster_path)
+    band = source.GetRasterBand(1)
+    with atomic_output(gpkg_path) as temporary:
+        temporary.unlink()  # the GeoPackage driver creates the file itself
+        driver = ogr.GetDriverByName("GPKG")
+        dataset = driver.CreateDataSource(str(temporary))
+        spatial_reference = None
+        if source.GetProjection():
+            spatial_reference = osr.SpatialReference()
+            spatial_reference.ImportFromWkt(source.GetProjection())
+        layer = dataset.CreateLayer(Path(gpkg_path).stem, srs=spatial_reference,
+                                    geom_type=ogr.wkbPolygon)
+        layer.CreateField(ogr.FieldDefn(field_name, ogr.OFTInteger))
+        # The band's own mask (nodata = 0) keeps nodata out of the polygons.
+        gdal.Polygonize(band, band.GetMaskBand(), layer, 0, [], callback=None)
+        count = layer.GetFeatureCount()
+        dataset = None
+    source = None
+    return count

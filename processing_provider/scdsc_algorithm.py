@@ -1,0 +1,120 @@
+"""Processing algorithm: SCDSC clustering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import QgsProcessingParameterEnum
+
+from engine.scdsc import SCDSC
+from processing_provider import outputs
+from processing_provider.base import HSIAlgorithm, OutputFiles
+
+SMOOTHING_WINDOWS = (3, 7)
+
+HELP = """
+<p>Unsupervised clustering of a hyper- or multispectral raster with <b>SCDSC</b>, scalable
+context-preserving deep subspace clustering: a convolutional autoencoder learns a latent code of
+each pixel's 7x7 neighbourhood, each cluster is a learned 5-d subspace of that code, and two
+structure terms guide training: pixels of the same FINCH mini-cluster (spectrally similar, even
+far apart) should share an assignment, and neighbouring pixels should agree (spatial smoothing of
+the soft assignments).</p>
+<p>Every valid pixel is clustered; nodata pixels (and bands that are entirely nodata) are left
+out and written as 0. The cluster raster has the input's grid and CRS, values 1..k and a
+paletted style.</p>
+<p><b>Parameters.</b> <i>Patch size</i>: the neighbourhood of the latent code (7 in the paper).
+<i>Smoothing window</i>: 3 or 7 (the paper uses 3 for Houston, 7 otherwise). <i>beta1</i>
+weighs the mini-cluster term (3 in all the paper's experiments), <i>beta2</i> the spatial term
+(1 to 8 in the paper). <i>Epochs</i>: joint training epochs (400 in the paper); scenes larger
+than the batch train on random tiles per epoch. The epoch kept is the one with the largest share
+of confident pixels (max soft assignment above 0.9), as in the reference code; no labels are
+used.</p>
+<p>Reference: Li, X. et al., "Scalable Context-Preserving Model-Aware Deep Clustering for
+Hyperspectral Images", Remote Sensing 17(24), 4030, 2025, doi:10.3390/rs17244030.</p>
+"""
+
+
+class SCDSCClusteringAlgorithm(HSIAlgorithm):
+    N_CLUSTERS = "N_CLUSTERS"
+    PATCH_SIZE = "PATCH_SIZE"
+    SMOOTHING_WINDOW = "SMOOTHING_WINDOW"
+    BETA1 = "BETA1"
+    BETA2 = "BETA2"
+    EPOCHS = "EPOCHS"
+    LEARNING_RATE = "LEARNING_RATE"
+    PRETRAIN_STEPS = "PRETRAIN_STEPS"
+    OUTPUT = "OUTPUT"
+    OUTPUT_SOFT = "OUTPUT_SOFT"
+    OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
+
+    algorithm_id = "scdsc"
+    display_name = "SCDSC clustering"
+    help_text = HELP
+
+    def define_parameters(self) -> None:
+        self.add_input_raster()
+        self.add_integer(self.N_CLUSTERS, "Number of clusters", 5, 2, 1000)
+        self.add_band_selection()
+        self.add_integer(self.PATCH_SIZE, "Patch size (odd)", 7, 1, 31, advanced=True)
+        self._add(QgsProcessingParameterEnum(
+            self.SMOOTHING_WINDOW, "Spatial smoothing window",
+            options=[f"{w} x {w}" for w in SMOOTHING_WINDOWS], defaultValue=1,
+        ), advanced=False)
+        self.add_double(self.BETA1, "beta1: weight of the mini-cluster (non-local) term", 3.0, 0.0)
+        self.add_double(self.BETA2, "beta2: weight of the spatial (local) term", 1.0, 0.0)
+        self.add_integer(self.EPOCHS, "Training epochs", 400, 1, 100_000)
+        self.add_double(self.LEARNING_RATE, "Learning rate", 1e-3, 1e-7, 1.0, advanced=True)
+        self.add_integer(self.PRETRAIN_STEPS, "Autoencoder pretraining steps", 300, 0, 100_000,
+                         advanced=True)
+        self.add_seed_and_device()
+        self.add_raster_output(self.OUTPUT, "Clusters")
+        self.add_raster_output(self.OUTPUT_SOFT, "Soft assignments (k bands)", optional=True)
+        self.add_vector_output(self.OUTPUT_POLYGONS, "Clusters as polygons", optional=True)
+
+    def run(self, parameters, context, feedback, monitor, written: OutputFiles) -> dict[str, Any]:
+        label_path = self.output_path(parameters, self.OUTPUT, context)
+        soft_path = self.output_path(parameters, self.OUTPUT_SOFT, context)
+        polygon_path = self.output_path(parameters, self.OUTPUT_POLYGONS, context)
+        for path in (label_path, soft_path, polygon_path):
+            if path:
+                outputs.check_writable(path)
+
+        raster = self.read_input(parameters, context, monitor.stage(0.0, 0.02))
+        n_clusters = self.parameterAsInt(parameters, self.N_CLUSTERS, context)
+        window = SMOOTHING_WINDOWS[self.parameterAsEnum(parameters, self.SMOOTHING_WINDOW,
+                                                        context)]
+        model = SCDSC(
+            n_clusters=n_clusters,
+            patch_size=self.parameterAsInt(parameters, self.PATCH_SIZE, context),
+            smoothing_window=window,
+            beta1=self.parameterAsDouble(parameters, self.BETA1, context),
+            beta2=self.parameterAsDouble(parameters, self.BETA2, context),
+            epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
+            learning_rate=self.parameterAsDouble(parameters, self.LEARNING_RATE, context),
+            pretrain_steps=self.parameterAsInt(parameters, self.PRETRAIN_STEPS, context),
+            seed=self.seed(parameters, context),
+            device=self.device(parameters, context),
+        )
+        result = model.fit(raster.cube, raster.valid, monitor.stage(0.02, 0.97))
+        feedback.pushInfo(
+            f"Selected epoch {result.selected_epoch}: {result.confident_share:.1%} of pixels "
+            f"assigned with max(s) > 0.9; {result.n_mini_clusters} mini-clusters; "
+            + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in result.seconds.items())
+        )
+
+        results: dict[str, Any] = {}
+        results[self.OUTPUT] = self.write_labels(label_path, result.labels, raster.grid,
+                                                 n_clusters, written)
+        if soft_path:
+            results[self.OUTPUT_SOFT] = self.write_float_stack(
+                soft_path, result.soft_assignments, raster.valid, raster.grid,
+                [f"cluster {j} soft assignment" for j in range(1, n_clusters + 1)], written,
+            )
+        monitor.check()
+        if polygon_path:
+            written.add(polygon_path)
+            count = outputs.polygonize_labels(label_path, polygon_path)
+            feedback.pushInfo(f"{count} cluster polygons written")
+            results[self.OUTPUT_POLYGONS] = polygon_path
+        monitor.progress(1.0)
+        return results
