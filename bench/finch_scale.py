@@ -26,7 +26,7 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.finch import finch  # noqa: E402
-from engine.neighbours import l2_normalise  # noqa: E402
+from engine.monitor import Monitor  # noqa: E402
 from engine.patch_features import default_n_components, patch_pca_features  # noqa: E402
 
 
@@ -47,20 +47,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
-def exact_neighbours_of(queries: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact first neighbour (and its similarity) of the rows ``queries`` among all rows."""
-    data = torch.from_numpy(l2_normalise(features))
+def exact_neighbours_of(
+    queries: np.ndarray, unit_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact first neighbour (and its similarity) of the rows ``queries`` among all unit rows."""
+    data = torch.from_numpy(unit_rows)
+    block = max(1, 2**25 // len(unit_rows))  # ~128 MB of similarities at a time
     best_index = np.empty(queries.size, dtype=np.int64)
     best_similarity = np.empty(queries.size, dtype=np.float32)
     with torch.no_grad():
-        for start in range(0, queries.size, 256):
-            rows = torch.from_numpy(queries[start : start + 256])
+        for start in range(0, queries.size, block):
+            rows = torch.from_numpy(queries[start : start + block])
             similarity = data[rows] @ data.T
             similarity[torch.arange(rows.numel()), rows] = -torch.inf
             value, index = similarity.max(dim=1)
-            best_index[start : start + 256] = index.numpy()
-            best_similarity[start : start + 256] = value.numpy()
+            best_index[start : start + block] = index.numpy()
+            best_similarity[start : start + block] = value.numpy()
     return best_index, best_similarity
+
+
+RUN_START = time.perf_counter()
+
+
+def timestamped(text: str) -> None:
+    print(f"  [{time.perf_counter() - RUN_START:7.1f} s] {text}", flush=True)
 
 
 def main() -> None:
@@ -80,30 +90,38 @@ def main() -> None:
     print(f"scene {image.shape}, {n} valid pixels, made in {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    features = patch_pca_features(image, valid, n_components=components)
+    features = patch_pca_features(
+        image, valid, n_components=components, monitor=Monitor(on_info=timestamped)
+    )
     features_seconds = time.perf_counter() - start
-    print(f"patch_pca_features: {features.shape[1]} components, {features_seconds:.1f} s, "
-          f"peak RSS {peak_rss_mb():.0f} MB")
+    print(
+        f"patch_pca_features: {features.shape[1]} components, {features_seconds:.1f} s, "
+        f"peak RSS {peak_rss_mb():.0f} MB"
+    )
 
     start = time.perf_counter()
-    result = finch(features, max_partitions=2)
+    result = finch(features, max_partitions=2, monitor=Monitor(on_info=timestamped))
     finch_seconds = time.perf_counter() - start
-    print(f"finch(max_partitions=2): clusters per partition {result.n_clusters}, "
-          f"{finch_seconds:.1f} s, peak RSS {peak_rss_mb():.0f} MB")
+    print(
+        f"finch(max_partitions=2): clusters per partition {result.n_clusters}, "
+        f"{finch_seconds:.1f} s, peak RSS {peak_rss_mb():.0f} MB"
+    )
     print(f"FINCH stage total (features + finch): {features_seconds + finch_seconds:.1f} s")
 
     queries = np.sort(np.random.default_rng(1).choice(n, args.recall_queries, replace=False))
     start = time.perf_counter()
+    # patch_pca_features returns unit rows, so inner products are cosine similarities.
     exact_index, exact_similarity = exact_neighbours_of(queries, features)
     approximate = result.neighbours[0][queries]
-    normalised = l2_normalise(features)
-    approximate_similarity = np.einsum("ij,ij->i", normalised[queries], normalised[approximate])
+    approximate_similarity = np.einsum("ij,ij->i", features[queries], features[approximate])
     same = approximate == exact_index
     # A different row that is exactly as similar (a tie) is as good a first neighbour.
     as_good = approximate_similarity >= exact_similarity - 1e-6
-    print(f"round-0 neighbours vs exact on {queries.size} queries: identical {same.mean():.4f}, "
-          f"recall (as similar as the best) {as_good.mean():.4f} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"round-0 neighbours vs exact on {queries.size} queries: identical {same.mean():.4f}, "
+        f"recall (as similar as the best) {as_good.mean():.4f} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     print(f"peak RSS of the whole run: {peak_rss_mb():.0f} MB")
 
 

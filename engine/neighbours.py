@@ -49,7 +49,7 @@ HNSW_CHUNK = 20_000
 # Similarity entries (query block x n) materialised at once by the exact backend (~128 MB).
 EXACT_BLOCK_ENTRIES = 2**25
 # Rows per chunk when hashing / measuring norms (bounds temporaries to ~chunk x d x 8 bytes).
-HASH_CHUNK = 65_536
+HASH_CHUNK = 16_384
 
 METHODS = ("auto", "exact", "approximate")
 

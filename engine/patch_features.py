@@ -150,7 +150,9 @@ def extract_patches(padded: np.ndarray, flat_pixels: np.ndarray, patch_size: int
     """(len(flat_pixels), C * P * P) patch vectors, flattened in (C, P, P) order like conv2d."""
     width = padded.shape[2] - (patch_size - 1)
     rows, cols = np.divmod(flat_pixels, width)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (patch_size, patch_size), axis=(1, 2))
+    windows = np.lib.stride_tricks.sliding_window_view(
+        padded, (patch_size, patch_size), axis=(1, 2)
+    )
     patches = windows[:, rows, cols]  # (C, s, P, P), copies only the sample
     return np.ascontiguousarray(patches.transpose(1, 0, 2, 3)).reshape(len(flat_pixels), -1)
 

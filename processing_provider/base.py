@@ -100,7 +100,7 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
     def define_parameters(self) -> None:
         """Subclasses add their parameters here."""
 
-    def run(self, parameters: dict, context: QgsProcessingContext,
+    def run_algorithm(self, parameters: dict, context: QgsProcessingContext,
             feedback: QgsProcessingFeedback, monitor: Monitor,
             written: OutputFiles) -> dict[str, Any]:
         """Subclasses do their work here and return the output dictionary."""
@@ -112,7 +112,7 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
         monitor = feedback_monitor(feedback)
         written = OutputFiles()
         try:
-            return self.run(parameters, context, feedback, monitor, written)
+            return self.run_algorithm(parameters, context, feedback, monitor, written)
         except Cancelled:
             written.remove_all()
             raise QgsProcessingException(

@@ -72,7 +72,8 @@ class EvaluateClusteringAlgorithm(HSIAlgorithm):
                                   ("N_SCORED", "Scored pixels")):
             self.addOutput(QgsProcessingOutputNumber(name, description))
 
-    def run(self, parameters, context, feedback, monitor, written: OutputFiles) -> dict[str, Any]:
+    def run_algorithm(self, parameters, context, feedback, monitor,
+                      written: OutputFiles) -> dict[str, Any]:
         cluster_path = self.input_raster_path(parameters, context)
         predicted, grid = read_labels(cluster_path)
         reference_layer = self.parameterAsLayer(parameters, self.REFERENCE, context)

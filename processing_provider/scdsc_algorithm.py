@@ -71,7 +71,8 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
         self.add_raster_output(self.OUTPUT_SOFT, "Soft assignments (k bands)", optional=True)
         self.add_vector_output(self.OUTPUT_POLYGONS, "Clusters as polygons", optional=True)
 
-    def run(self, parameters, context, feedback, monitor, written: OutputFiles) -> dict[str, Any]:
+    def run_algorithm(self, parameters, context, feedback, monitor,
+                      written: OutputFiles) -> dict[str, Any]:
         label_path = self.output_path(parameters, self.OUTPUT, context)
         soft_path = self.output_path(parameters, self.OUTPUT_SOFT, context)
         polygon_path = self.output_path(parameters, self.OUTPUT_POLYGONS, context)

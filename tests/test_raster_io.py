@@ -30,6 +30,8 @@ EPSG = 32633
 TRANSFORM = Affine(10.0, 0.0, 500_000.0, 0.0, -10.0, 5_300_000.0)
 NODATA = -9999.0
 HEIGHT, WIDTH = 6, 8
+UTM = CRS.from_epsg(EPSG)
+UTM_WKT = UTM.to_wkt()
 
 
 def _cube(n_bands: int = 4, height: int = HEIGHT, width: int = WIDTH, seed: int = 0) -> np.ndarray:
@@ -42,7 +44,7 @@ def _write(
     path: Path,
     data: np.ndarray,
     *,
-    crs: CRS | None = CRS.from_epsg(EPSG),
+    crs: CRS | None = UTM,
     transform: Affine = TRANSFORM,
     nodata: float | None = NODATA,
     scales: list[float] | None = None,
@@ -69,7 +71,7 @@ def _write(
     return path
 
 
-def _grid(crs: str | None = CRS.from_epsg(EPSG).to_wkt()) -> RasterGrid:
+def _grid(crs: str | None = UTM_WKT) -> RasterGrid:
     return RasterGrid(HEIGHT, WIDTH, crs, TRANSFORM)
 
 

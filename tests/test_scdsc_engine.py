@@ -73,7 +73,8 @@ def test_masked_box_filter_averages_valid_neighbours_only():
 
 def test_basis_constraint_is_zero_for_orthonormal_separated_bases():
     k, d, dim = 3, 2, 10
-    orthonormal = torch.linalg.qr(torch.randn(dim, k * d, generator=torch.Generator().manual_seed(0)))[0]
+    generator = torch.Generator().manual_seed(0)
+    orthonormal = torch.linalg.qr(torch.randn(dim, k * d, generator=generator))[0]
     kernels = orthonormal.T.reshape(k * d, dim, 1, 1)
     assert float(scdsc.basis_constraint(kernels, k, d)) == pytest.approx(0.0, abs=1e-5)
     # Two clusters sharing a direction are penalised by the off-block term.
@@ -82,7 +83,8 @@ def test_basis_constraint_is_zero_for_orthonormal_separated_bases():
     gram = shared.reshape(k * d, -1) @ shared.reshape(k * d, -1).T
     identity = torch.eye(k * d)
     blocks = torch.block_diag(*[torch.ones(d, d)] * k)
-    expected = torch.linalg.norm(gram * identity - identity) + torch.linalg.norm(gram * (1 - blocks))
+    expected = (torch.linalg.norm(gram * identity - identity)
+                + torch.linalg.norm(gram * (1 - blocks)))
     assert float(scdsc.basis_constraint(shared, k, d)) == pytest.approx(float(expected))
     assert float(expected) > 1.0
 
@@ -129,7 +131,7 @@ def small_scene(tmp_path_factory):
     return raster, truth
 
 
-FAST = {"epochs": 30, "pretrain_steps": 40, "kmeans_n_init": 3}
+FAST = {"epochs": 20, "pretrain_steps": 30, "kmeans_n_init": 2, "finch_components": 32}
 
 
 def test_fit_clusters_every_valid_pixel_and_is_deterministic(small_scene):

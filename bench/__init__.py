@@ -1,0 +1,1 @@
+"""Benchmarks of HSI Cluster on the third-party scenes in ../shared/data (never committed)."""

@@ -1,0 +1,121 @@
+"""``make bench``: every scene x method x seed in its own process; results to bench/RESULTS.md.
+
+    python -m bench.run_all [--scenes ...] [--methods ...] [--seeds 0 1 2] [--quick]
+
+Each run's JSON line is appended to bench/results.jsonl; RESULTS.md is rewritten from all lines
+of the current invocation with the machine, the date and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+SCENES = ["jasper_ridge", "enmap_potsdam", "s2_aberystwyth"]
+# The 110k-pixel crop of s2_aberystwyth used for the linear-scaling check (332 x 332 pixels).
+CROPS = {"s2_aberystwyth": (332, 332)}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.node()} · {cpu} · {os.cpu_count()} cores · {memory:.0f} GiB RAM · "
+            f"Python {platform.python_version()}")
+
+
+def run(scene: str, method: str, seed: int, crop=None, settings: str = "{}") -> dict:
+    command = [sys.executable, "-m", "bench.run_one", "--scene", scene, "--method", method,
+               "--seed", str(seed), "--settings", settings]
+    if crop:
+        command += ["--crop", str(crop[0]), str(crop[1])]
+    print("$", " ".join(command[1:]), flush=True)
+    completed = subprocess.run(command, cwd=HERE.parent, capture_output=True, text=True,
+                               check=False)
+    if completed.returncode != 0:
+        print(completed.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"benchmark run failed: {' '.join(command)}")
+    line = completed.stdout.strip().splitlines()[-1]
+    print("  ", line, flush=True)
+    return json.loads(line)
+
+
+def summarise(rows: list[dict]) -> list[str]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["scene"], row["method"])].append(row)
+    lines = ["| scene | method | pixels clustered | scored | seeds | OA | NMI | kappa | "
+             "seconds | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (scene, method), group in sorted(groups.items()):
+        def stat(name, group=group):
+            values = np.array([g[name] for g in group], dtype=float)
+            return f"{values.mean():.4f} ± {values.std():.4f}"
+        seconds = np.array([g["seconds"] for g in group])
+        lines.append(
+            f"| {scene} | {method} | {group[0]['pixels']} | {group[0]['scored']} | "
+            f"{len(group)} | {stat('oa')} | {stat('nmi')} | {stat('kappa')} | "
+            f"{seconds.mean():.1f} | {max(g['peak_rss_mb'] for g in group)} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenes", nargs="+", default=SCENES)
+    parser.add_argument("--methods", nargs="+", default=["kmeans", "scdsc"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--no-crop", action="store_true", help="skip the linear-scaling crop")
+    parser.add_argument("--settings", default="{}", help="JSON passed to the estimators")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"no benchmark data at {DATA}; nothing to do")
+        return 0
+
+    rows = []
+    for scene in args.scenes:
+        for method in args.methods:
+            for seed in args.seeds:
+                rows.append(run(scene, method, seed, settings=args.settings))
+            if scene in CROPS and not args.no_crop and method != "kmeans":
+                rows.append(run(scene, method, args.seeds[0], CROPS[scene], args.settings))
+    with open(HERE / "results.jsonl", "a") as log:
+        for row in rows:
+            log.write(json.dumps(row) + "\n")
+
+    command = "make bench" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else "")
+    report = [
+        "# Benchmark results", "",
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}",
+        f"- machine: {machine()}",
+        f"- command: `{command}` (python -m bench.run_all {' '.join(argv or sys.argv[1:])})",
+        "- OA / NMI / kappa on labelled pixels only; every valid pixel is clustered. OA and "
+        "kappa after Hungarian matching. Seconds = reading + clustering, one process per run; "
+        "peak RSS = that process's maximum resident set.", "",
+        *summarise(rows), "",
+        "Per-run lines are in `bench/results.jsonl`.", "",
+    ]
+    Path(args.output).write_text("\n".join(report))
+    print("\n".join(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""One benchmark run in its own process, so that its peak memory is its own.
+
+    python -m bench.run_one --scene jasper_ridge --method scdsc --seed 0 [--crop ROWS COLS]
+
+Prints one JSON line: scene, method, seed, pixels clustered, OA/NMI/kappa on labelled pixels,
+wall seconds (reading + clustering), peak RSS in MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from engine.metrics import score_clustering  # noqa: E402
+from engine.preprocessing import standardised_pca_pixels  # noqa: E402
+from engine.raster_io import read_labels, read_raster  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+N_CLASSES = {"jasper_ridge": 4, "enmap_potsdam": 6, "s2_aberystwyth": 4}
+
+
+def cluster(method: str, cube: np.ndarray, valid: np.ndarray, k: int, seed: int,
+            settings: dict) -> tuple[np.ndarray, dict]:
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        # k-means on the same standardised PCA features that SCDSC starts from.
+        features = standardised_pca_pixels(cube[valid], 8)
+        assignment = KMeans(k, n_init=10, random_state=seed).fit_predict(features)
+        labels = np.zeros(valid.shape, dtype=np.int32)
+        labels[valid] = assignment + 1
+        return labels, {}
+    if method == "scdsc":
+        from engine.scdsc import SCDSC
+
+        result = SCDSC(n_clusters=k, seed=seed, **settings).fit(cube, valid)
+        return result.labels, {"selected_epoch": result.selected_epoch,
+                               "stage_seconds": {k: round(v, 1) for k, v in
+                                                 result.seconds.items()}}
+    if method == "kmeans_raw":
+        from sklearn.cluster import KMeans
+
+        # The MS2A-Net issue's baseline: k-means on the raw valid spectra, bands standardised.
+        pixels = cube[valid].astype(np.float64)
+        spread = pixels.std(axis=0)
+        pixels = (pixels - pixels.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+        assignment = KMeans(k, n_init=10, random_state=seed).fit_predict(pixels)
+        labels = np.zeros(valid.shape, dtype=np.int32)
+        labels[valid] = assignment + 1
+        return labels, {}
+    if method == "ms2anet":
+        from engine.ms2anet import MS2ANet
+
+        result = MS2ANet(n_clusters=k, seed=seed, **settings).fit(cube, valid)
+        return result.labels, {"chosen_iteration": result.chosen_iteration,
+                               "stage_seconds": {k: round(v, 1) for k, v in
+                                                 result.seconds.items()}}
+    raise ValueError(f"unknown method {method}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scene", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crop", type=int, nargs=2, metavar=("ROWS", "COLS"))
+    parser.add_argument("--settings", default="{}", help="JSON of estimator keyword arguments")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    raster = read_raster(DATA / args.scene / "cube.tif")
+    truth, _ = read_labels(DATA / args.scene / "labels.tif")
+    cube, valid = raster.cube, raster.valid
+    if args.crop:
+        rows, cols = args.crop
+        cube, valid, truth = cube[:rows, :cols], valid[:rows, :cols], truth[:rows, :cols]
+    labels, extra = cluster(args.method, cube, valid, N_CLASSES[args.scene], args.seed,
+                            json.loads(args.settings))
+    seconds = time.perf_counter() - started
+    scores = score_clustering(truth, labels)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "scene": args.scene + (f"[:{args.crop[0]},:{args.crop[1]}]" if args.crop else ""),
+        "method": args.method, "seed": args.seed, "pixels": int(valid.sum()),
+        "scored": scores.n_scored, "oa": round(scores.overall_accuracy, 4),
+        "nmi": round(scores.nmi, 4), "kappa": round(scores.kappa, 4),
+        "seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), **extra,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

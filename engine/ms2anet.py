@@ -1,0 +1,649 @@
+"""MS2A-Net: multiscale spectral-spatial association network for hyperspectral clustering.
+
+Rafiezadeh Shahi, K., Ghamisi, P., Rasti, B., Scheunders, P., Gloaguen, R., "Unsupervised
+Hyperspectral Image Clustering Using a Multiscale Spectral-Spatial Association Network",
+IEEE JSTARS, 2022, doi:10.1109/JSTARS.2022.3198137.
+
+An autoencoder on the whole (min-max scaled) image: a spatial stream of three dilated 5x5 convs
+gives the 36-channel code M' that is clustered with k-means; a spectral-association stream and a
+decoder reconstruct the image for the unsupervised loss.
+
+Decisions beyond the paper (the paper trains and clusters one small scene in one piece):
+
+* Training sample. A scene of at most ``training_pixels`` pixels trains in one piece, as in the
+  paper. A larger scene trains on one random crop of about ``training_pixels`` pixels per
+  iteration, so training memory does not grow with the scene.
+* Spectral association (SA) across tiles. SA is a sum over all pixels, so computing it per tile
+  would make tiles disagree. The clustering code M' does not depend on SA at all (SA only feeds
+  the reconstruction), so tiled inference needs no SA. For the reconstruction path the model
+  stores SA frozen: computed once, with the kept weights, over the valid pixels of the training
+  image (the last crop for cropped training); ``MS2ANetwork.forward`` takes it as an argument.
+* BatchNorm. After training, the running statistics are set to the exact batch statistics of the
+  training image (cumulative average over crops), and inference runs in eval mode. For a scene
+  that trains in one piece the code therefore matches the reference's train-mode code (up to
+  BatchNorm's unbiased n/(n-1) variance), and every tile is normalised identically.
+* Tiled inference. M' sees 8 pixels around a pixel (5x5 kernel, dilation 4). Each tile is read
+  with an 8-pixel halo (clipped at the raster edge, where the convs zero-pad as in an untiled
+  run), so a tiled run equals an untiled one. Any raster of at least 2x2 pixels works: the convs
+  zero-pad, as in the paper, so rasters smaller than the receptive field need no special case.
+* Nodata pixels are 0 in the scaled input, are left out of both loss terms, of SA, of the
+  min-max scaling and of k-means, and get label 0. (They still take part in the BatchNorm batch
+  statistics, which are per-channel means over the image.)
+* k-means runs on the code of every valid pixel when there are at most ``KMEANS_MAX_PIXELS``
+  of them; otherwise on a random sample of that size, and every pixel gets its nearest centre.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as functional
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+from torch import nn
+
+from engine.device import resolve_device, seed_everything
+from engine.monitor import Monitor, silent
+from engine.raster_io import (
+    FLOAT_NODATA,
+    _profile,  # the one GeoTIFF profile of the project (shared, not duplicated)
+    atomic_output,
+    read_grid,
+    smallest_unsigned_dtype,
+)
+
+ALGORITHM_NAME = "ms2anet"
+FORMAT_VERSION = 1
+CODE_CHANNELS = 36  # 3 dilated convs x 12 filters: the clustering features M'
+FILTERS_PER_DILATION = 12
+DILATIONS = (1, 2, 4)
+SPATIAL_KERNEL = 5
+STREAM_CHANNELS = 3  # d2 = d3 = 3 in the paper
+# Pixels around a pixel that its code M' depends on: (kernel // 2) * largest dilation.
+CODE_HALO = (SPATIAL_KERNEL // 2) * max(DILATIONS)
+KMEANS_MAX_PIXELS = 500_000
+BN_CALIBRATION_CROPS = 8
+
+
+# ------------------------------------------------------------------------------------- network
+
+
+class MS2ANetwork(nn.Module):
+    """The autoencoder; ``code`` gives M', ``forward`` gives (R, M', SA)."""
+
+    def __init__(self, n_bands: int):
+        super().__init__()
+        self.dilated = nn.ModuleList(
+            nn.Conv2d(n_bands, FILTERS_PER_DILATION, SPATIAL_KERNEL, dilation=d,
+                      padding=(SPATIAL_KERNEL // 2) * d)
+            for d in DILATIONS
+        )
+        self.code_norm = nn.BatchNorm2d(CODE_CHANNELS)
+        self.squeeze = nn.Conv2d(CODE_CHANNELS, STREAM_CHANNELS, 1, stride=2)
+        self.spatial_norm = nn.BatchNorm2d(STREAM_CHANNELS)
+        self.association_conv = nn.Conv2d(n_bands, STREAM_CHANNELS, 3, padding=1)
+        self.association_norm = nn.BatchNorm2d(STREAM_CHANNELS)
+        self.decoder_conv = nn.Conv2d(2 * STREAM_CHANNELS, n_bands, 3, padding=1)
+        self.decoder_norm = nn.BatchNorm2d(n_bands)
+
+    def code(self, image: torch.Tensor) -> torch.Tensor:
+        """M' (N, 36, H, W) of a scaled image (N, B, H, W)."""
+        stacked = torch.cat([conv(image) for conv in self.dilated], dim=1)
+        return functional.relu(self.code_norm(stacked))
+
+    def spatial_features(self, code: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # size= (not scale_factor=2) so odd heights/widths come back to exactly (H, W).
+        half = self.squeeze(code)
+        upsampled = functional.interpolate(half, size=size, mode="bilinear", align_corners=False)
+        return functional.relu(self.spatial_norm(upsampled))
+
+    def association_weights(self, image: torch.Tensor) -> torch.Tensor:
+        """F: per-pixel softmax over the 3 channels of ReLU(BN(conv3x3(X)))."""
+        local = functional.relu(self.association_norm(self.association_conv(image)))
+        return torch.softmax(local, dim=1)
+
+    def forward(self, image: torch.Tensor, valid: torch.Tensor,
+                frozen_association: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(R, M', SA) for one image (1, B, H, W); ``valid`` (H, W) bool restricts SA's sum."""
+        height, width = image.shape[-2:]
+        code = self.code(image)
+        spatial = self.spatial_features(code, (height, width))
+        association = frozen_association
+        if association is None:
+            association = spectral_association(image, self.association_weights(image), valid)
+        association_features = association_feature_maps(image, association)
+        decoded = self.decoder_conv(torch.cat([spatial, association_features], dim=1))
+        return functional.relu(self.decoder_norm(decoded)), code, association
+
+
+def spectral_association(image: torch.Tensor, weights: torch.Tensor,
+                         valid: torch.Tensor) -> torch.Tensor:
+    """SA (B x 3) = P^T F summed over valid pixels; P = softmax of X over bands per pixel."""
+    bands = image.shape[1]
+    pixels = image[0].reshape(bands, -1).T[valid.reshape(-1)]  # (n, B)
+    band_softmax = torch.softmax(pixels, dim=1)
+    pixel_weights = weights[0].reshape(weights.shape[1], -1).T[valid.reshape(-1)]  # (n, 3)
+    return band_softmax.T @ pixel_weights
+
+
+def association_feature_maps(image: torch.Tensor, association: torch.Tensor) -> torch.Tensor:
+    """SAF (1, 3, H, W): X · SA at every pixel."""
+    return torch.einsum("nbhw,bc->nchw", image, association)
+
+
+def ms2anet_loss(image: torch.Tensor, reconstruction: torch.Tensor, code: torch.Tensor,
+                 valid: torch.Tensor, lam: float) -> torch.Tensor:
+    """MSE(X, R) + lam * MSE(mean over channels of M', mean over bands of X), valid pixels."""
+    reconstruction_error = ((image - reconstruction) ** 2)[0][:, valid].mean()
+    mean_constraint = ((code.mean(dim=1) - image.mean(dim=1))[0][valid] ** 2).mean()
+    return reconstruction_error + lam * mean_constraint
+
+
+# ------------------------------------------------------------------------------ pure helpers
+
+
+def tile_starts(length: int, tile: int) -> list[int]:
+    return list(range(0, length, tile))
+
+
+@dataclass(frozen=True)
+class TileWindow:
+    """A core tile (written) inside a haloed window (read), in raster pixel coordinates."""
+
+    row: int
+    col: int
+    height: int
+    width: int
+    read_row: int
+    read_col: int
+    read_height: int
+    read_width: int
+
+    @property
+    def core_in_read(self) -> tuple[slice, slice]:
+        top, left = self.row - self.read_row, self.col - self.read_col
+        return slice(top, top + self.height), slice(left, left + self.width)
+
+
+def tile_windows(height: int, width: int, tile: int, halo: int = CODE_HALO) -> list[TileWindow]:
+    """Row-major tiles covering the raster; each read window adds ``halo`` clipped to the edge."""
+    windows = []
+    for row in tile_starts(height, tile):
+        for col in tile_starts(width, tile):
+            tile_height, tile_width = min(tile, height - row), min(tile, width - col)
+            read_row, read_col = max(row - halo, 0), max(col - halo, 0)
+            read_bottom = min(row + tile_height + halo, height)
+            read_right = min(col + tile_width + halo, width)
+            windows.append(TileWindow(row, col, tile_height, tile_width, read_row, read_col,
+                                      read_bottom - read_row, read_right - read_col))
+    return windows
+
+
+def crop_shape(height: int, width: int, training_pixels: int) -> tuple[int, int]:
+    """A crop of at most ``training_pixels`` pixels, square where the scene allows."""
+    if height * width <= training_pixels:
+        return height, width
+    side = int(math.isqrt(training_pixels))
+    crop_height = min(height, side)
+    crop_width = min(width, training_pixels // crop_height)
+    crop_height = min(height, training_pixels // crop_width)
+    return crop_height, crop_width
+
+
+def band_ranges(cube: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band min and max over the valid pixels."""
+    pixels = cube[valid]
+    return pixels.min(axis=0).astype(np.float32), pixels.max(axis=0).astype(np.float32)
+
+
+def scale_bands(cube: np.ndarray, valid: np.ndarray, band_min: np.ndarray,
+                band_max: np.ndarray) -> np.ndarray:
+    """Min-max scaling per band; a constant band becomes 0; nodata pixels become 0."""
+    span = band_max - band_min
+    span = np.where(span > 0, span, 1.0).astype(np.float32)
+    scaled = (cube - band_min) / span
+    scaled[~valid] = 0.0
+    return scaled.astype(np.float32, copy=False)
+
+
+def nearest_centre(features: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre (squared Euclidean) of each row."""
+    distances = ((features[:, None, :].astype(np.float64) - centres[None, :, :]) ** 2).sum(-1)
+    return distances.argmin(axis=1)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class MS2ANetResult:
+    labels: np.ndarray  # (H, W) int32, 0 = nodata, 1..k
+    loss_history: list[float]
+    chosen_iteration: int  # 1-based iteration whose weights were kept (lowest loss)
+    seconds: dict[str, float] = field(default_factory=dict)
+    features: np.ndarray | None = None  # (H, W, 36) float32 when asked for
+
+
+WindowReader = Callable[[TileWindow], tuple[np.ndarray, np.ndarray]]
+
+
+# -------------------------------------------------------------------------------- estimator
+
+
+class MS2ANet:
+    """Fit on a cube, save/load as one file, predict tile by tile."""
+
+    def __init__(self, n_clusters: int, lam: float = 0.1, iterations: int = 800,
+                 learning_rate: float = 1e-3, training_pixels: int = 262144, seed: int = 0,
+                 device: str = "auto", inference_tile: int = 512):
+        if n_clusters < 2:
+            raise ValueError("MS2A-Net needs at least 2 clusters.")
+        if iterations < 1:
+            raise ValueError("MS2A-Net needs at least 1 training iteration.")
+        if training_pixels < 4:
+            raise ValueError("The training sample size must be at least 4 pixels.")
+        if inference_tile < 1:
+            raise ValueError("The inference tile size must be at least 1 pixel.")
+        self.n_clusters = int(n_clusters)
+        self.lam = float(lam)
+        self.iterations = int(iterations)
+        self.learning_rate = float(learning_rate)
+        self.training_pixels = int(training_pixels)
+        self.seed = int(seed)
+        self.device = device
+        self.inference_tile = int(inference_tile)
+        # Set by fit() or load().
+        self.network: MS2ANetwork | None = None
+        self.centres: np.ndarray | None = None
+        self.band_min: np.ndarray | None = None
+        self.band_max: np.ndarray | None = None
+        self.band_numbers: list[int] = []
+        self.source_band_count = 0
+        self.frozen_association: np.ndarray | None = None
+
+    @property
+    def n_bands(self) -> int:
+        return len(self.band_numbers)
+
+    # ------------------------------------------------------------------ fit
+    def _validate(self, cube: np.ndarray, valid: np.ndarray) -> None:
+        if cube.ndim != 3:
+            raise ValueError(f"The cube must be (H, W, B); got shape {cube.shape}.")
+        if valid.shape != cube.shape[:2]:
+            raise ValueError(f"The mask {valid.shape} does not match the cube {cube.shape[:2]}.")
+        if cube.shape[0] < 2 or cube.shape[1] < 2:
+            raise ValueError(
+                f"The raster is {cube.shape[0]}x{cube.shape[1]} pixels; MS2A-Net needs at least "
+                "2x2 pixels."
+            )
+        if int(valid.sum()) < self.n_clusters:
+            raise ValueError(
+                f"Only {int(valid.sum())} valid pixel(s) for {self.n_clusters} clusters: choose "
+                "fewer clusters or a larger area."
+            )
+
+    def fit(self, cube: np.ndarray, valid: np.ndarray, monitor: Monitor | None = None,
+            band_numbers: list[int] | None = None, source_band_count: int | None = None,
+            return_features: bool = False) -> MS2ANetResult:
+        """Train on ``cube`` (H, W, B) and cluster every valid pixel.
+
+        ``band_numbers`` / ``source_band_count`` record which bands of which raster were used,
+        so that a saved model can be applied to another raster; default: all B bands.
+        """
+        monitor = monitor or silent()
+        cube = np.asarray(cube, dtype=np.float32)
+        valid = np.asarray(valid, dtype=bool)
+        self._validate(cube, valid)
+        height, width, bands = cube.shape
+        self.band_numbers = list(band_numbers) if band_numbers else list(range(1, bands + 1))
+        if len(self.band_numbers) != bands:
+            raise ValueError(f"{len(self.band_numbers)} band numbers for a cube of {bands} bands.")
+        self.source_band_count = int(source_band_count or max(self.band_numbers))
+        rng = seed_everything(self.seed)
+        device = resolve_device(self.device)
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        monitor.info(f"MS2A-Net: {int(valid.sum())} valid pixels, {bands} bands, "
+                     f"k = {self.n_clusters}, device {device}")
+
+        self.band_min, self.band_max = band_ranges(cube, valid)
+        crop_height, crop_width = crop_shape(height, width, self.training_pixels)
+        if (crop_height, crop_width) != (height, width):
+            monitor.info(f"Training on random {crop_height}x{crop_width} crops of the "
+                         f"{height}x{width} scene.")
+
+        def training_crop() -> tuple[torch.Tensor, torch.Tensor]:
+            # Crops without valid pixels carry no loss: draw again (bounded attempts).
+            for _ in range(100):
+                row = int(rng.integers(0, height - crop_height + 1))
+                col = int(rng.integers(0, width - crop_width + 1))
+                crop_valid = valid[row:row + crop_height, col:col + crop_width]
+                if crop_valid.any():
+                    break
+            crop = cube[row:row + crop_height, col:col + crop_width]
+            scaled = scale_bands(crop, crop_valid, self.band_min, self.band_max)
+            image = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))[None]
+            return image.to(device), torch.from_numpy(crop_valid).to(device)
+
+        network = MS2ANetwork(bands).to(device)
+        optimiser = torch.optim.Adam(network.parameters(), lr=self.learning_rate)
+        whole_scene = (crop_height, crop_width) == (height, width)
+        fixed = training_crop() if whole_scene else None
+        loss_history: list[float] = []
+        best_loss, best_iteration = math.inf, 0
+        best_state = copy.deepcopy(network.state_dict())
+        train_monitor = monitor.stage(0.0, 0.85)
+        network.train()
+        for iteration in range(1, self.iterations + 1):
+            image, crop_valid = fixed if fixed is not None else training_crop()
+            reconstruction, code, _ = network(image, crop_valid)
+            loss = ms2anet_loss(image, reconstruction, code, crop_valid, self.lam)
+            optimiser.zero_grad()
+            loss.backward()
+            value = float(loss.detach())
+            loss_history.append(value)
+            # The loss belongs to the weights before this step: keep those when it is lowest.
+            if value < best_loss:
+                best_loss, best_iteration = value, iteration
+                best_state = copy.deepcopy(network.state_dict())
+            optimiser.step()
+            train_monitor.progress(iteration / self.iterations)
+        network.load_state_dict(best_state)
+        seconds["training"] = time.perf_counter() - started
+        monitor.info(f"Lowest loss {best_loss:.5f} at iteration {best_iteration} of "
+                     f"{self.iterations}.")
+
+        crops = [fixed] if fixed is not None else [training_crop()
+                                                   for _ in range(BN_CALIBRATION_CROPS)]
+        self._calibrate(network, crops)
+        self.network = network
+
+        started = time.perf_counter()
+        reader = array_window_reader(cube, valid)
+        self._fit_centres(reader, height, width, valid, rng, monitor.stage(0.85, 0.93))
+        seconds["kmeans"] = time.perf_counter() - started
+        started = time.perf_counter()
+        labels = np.zeros((height, width), dtype=np.int32)
+        features = (np.zeros((height, width, CODE_CHANNELS), dtype=np.float32)
+                    if return_features else None)
+        for window, code, window_valid in self._tile_codes(reader, height, width,
+                                                           monitor.stage(0.93, 1.0)):
+            rows = slice(window.row, window.row + window.height)
+            cols = slice(window.col, window.col + window.width)
+            labels[rows, cols] = self._labels_of(code, window_valid)
+            if features is not None:
+                features[rows, cols] = code
+        seconds["assignment"] = time.perf_counter() - started
+        return MS2ANetResult(labels, loss_history, best_iteration, seconds, features)
+
+    def _calibrate(self, network: MS2ANetwork, crops: list) -> None:
+        """BatchNorm running statistics = batch statistics of the training image(s); freeze SA."""
+        norms = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average over the crops
+        network.train()
+        with torch.no_grad():
+            for image, crop_valid in crops:
+                network(image, crop_valid)
+        for norm in norms:
+            norm.momentum = 0.1
+        network.eval()
+        with torch.no_grad():
+            image, crop_valid = crops[-1]
+            weights = network.association_weights(image)
+            association = spectral_association(image, weights, crop_valid)
+        self.frozen_association = association.cpu().numpy().astype(np.float32)
+
+    def _tile_codes(self, reader: WindowReader, height: int, width: int,
+                    monitor: Monitor) -> Iterator[tuple[TileWindow, np.ndarray, np.ndarray]]:
+        """(window, M' (h, w, 36) of its core, core validity) for every tile, row-major."""
+        if self.network is None:
+            raise ValueError("The model is not trained: call fit() or load() first.")
+        device = next(self.network.parameters()).device
+        self.network.eval()
+        windows = tile_windows(height, width, self.inference_tile)
+        for index, window in enumerate(windows):
+            cube, window_valid = reader(window)
+            scaled = scale_bands(cube, window_valid, self.band_min, self.band_max)
+            image = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))[None]
+            with torch.no_grad():
+                code = self.network.code(image.to(device))[0].cpu().numpy()
+            rows, cols = window.core_in_read
+            yield (window, np.ascontiguousarray(code[:, rows, cols].transpose(1, 2, 0)),
+                   window_valid[rows, cols])
+            monitor.progress((index + 1) / len(windows))
+
+    def _fit_centres(self, reader: WindowReader, height: int, width: int, valid: np.ndarray,
+                     rng: np.random.Generator, monitor: Monitor) -> None:
+        from sklearn.cluster import KMeans
+
+        n_valid = int(valid.sum())
+        chosen = np.ones(n_valid, dtype=bool)
+        if n_valid > KMEANS_MAX_PIXELS:
+            chosen[:] = False
+            chosen[rng.choice(n_valid, KMEANS_MAX_PIXELS, replace=False)] = True
+        # Pixel order of `chosen`: row-major over the scene; collect tile by tile.
+        chosen_grid = np.zeros(valid.shape, dtype=bool)
+        chosen_grid[valid] = chosen
+        samples = []
+        for window, code, _ in self._tile_codes(reader, height, width, monitor.stage(0.0, 0.5)):
+            core = chosen_grid[window.row:window.row + window.height,
+                               window.col:window.col + window.width]
+            samples.append(code[core])
+        sample = np.concatenate(samples).astype(np.float64)
+        monitor.info(f"k-means on the 36-d code of {len(sample)} pixels.")
+        kmeans = KMeans(self.n_clusters, n_init=10, random_state=self.seed).fit(sample)
+        self.centres = kmeans.cluster_centers_.astype(np.float32)
+        monitor.progress(1.0)
+
+    def _labels_of(self, code: np.ndarray, window_valid: np.ndarray) -> np.ndarray:
+        labels = np.zeros(window_valid.shape, dtype=np.int32)
+        if window_valid.any():
+            labels[window_valid] = nearest_centre(code[window_valid], self.centres) + 1
+        return labels
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """One file (torch.save of a dict), written to a temporary file and renamed."""
+        if self.network is None:
+            raise ValueError("The model is not trained: nothing to save.")
+        payload = {
+            "algorithm": ALGORITHM_NAME,
+            "format_version": FORMAT_VERSION,
+            "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "centres": torch.from_numpy(self.centres),
+            "band_min": torch.from_numpy(self.band_min),
+            "band_max": torch.from_numpy(self.band_max),
+            "band_numbers": list(self.band_numbers),
+            "source_band_count": int(self.source_band_count),
+            "n_bands": self.n_bands,
+            "frozen_association": torch.from_numpy(self.frozen_association),
+            "settings": {"n_clusters": self.n_clusters, "lam": self.lam,
+                         "iterations": self.iterations, "learning_rate": self.learning_rate,
+                         "training_pixels": self.training_pixels, "seed": self.seed,
+                         "inference_tile": self.inference_tile},
+        }
+        with atomic_output(path) as temporary:
+            torch.save(payload, temporary)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> MS2ANet:
+        payload = read_model_file(path)
+        if payload.get("algorithm") != ALGORITHM_NAME:
+            raise ValueError(
+                f"'{path}' is a model of the '{payload.get('algorithm')}' algorithm, not an "
+                "MS2A-Net model."
+            )
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"'{path}' has MS2A-Net model format version {payload.get('format_version')}; "
+                f"this plugin reads version {FORMAT_VERSION}. Train the model again."
+            )
+        try:
+            settings = payload["settings"]
+            model = cls(device=device, **settings)
+            network = MS2ANetwork(int(payload["n_bands"]))
+            network.load_state_dict(payload["state_dict"])
+            model.network = network.to(resolve_device(device)).eval()
+            model.centres = payload["centres"].numpy().astype(np.float32)
+            model.band_min = payload["band_min"].numpy().astype(np.float32)
+            model.band_max = payload["band_max"].numpy().astype(np.float32)
+            model.band_numbers = [int(b) for b in payload["band_numbers"]]
+            model.source_band_count = int(payload["source_band_count"])
+            model.frozen_association = payload["frozen_association"].numpy()
+        except (KeyError, TypeError, RuntimeError, AttributeError) as error:
+            raise ValueError(f"'{path}' is not a complete MS2A-Net model file ({error}).") \
+                from error
+        if model.centres.shape != (model.n_clusters, CODE_CHANNELS) or \
+                len(model.band_numbers) != model.n_bands:
+            raise ValueError(f"'{path}' is not a consistent MS2A-Net model file.")
+        return model
+
+
+def read_model_file(path: str | os.PathLike) -> dict:
+    """The dict of an HSI Cluster model file; ValueError for a missing, corrupt or foreign file."""
+    if not Path(path).is_file():
+        raise ValueError(f"The model file '{path}' does not exist.")
+    try:
+        payload = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu",
+                             weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is no torch pickle
+        raise ValueError(
+            f"'{path}' is not an HSI Cluster model file (it cannot be read: {error})."
+        ) from error
+    if not isinstance(payload, dict) or "algorithm" not in payload:
+        raise ValueError(f"'{path}' is not an HSI Cluster model file (no algorithm name).")
+    return payload
+
+
+# --------------------------------------------------------------------------- window readers
+
+
+def array_window_reader(cube: np.ndarray, valid: np.ndarray) -> WindowReader:
+    def read(window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
+        rows = slice(window.read_row, window.read_row + window.read_height)
+        cols = slice(window.read_col, window.read_col + window.read_width)
+        return cube[rows, cols], valid[rows, cols]
+
+    return read
+
+
+def raster_window_reader(dataset: rasterio.io.DatasetReader,
+                         band_numbers: list[int]) -> WindowReader:
+    """Windows of a raster with the same rules as ``raster_io.read_raster`` (nodata, NaN,
+    scales/offsets), so file-based inference sees the values training saw."""
+
+    def read(window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
+        area = Window(window.read_col, window.read_row, window.read_width, window.read_height)
+        cube = np.empty((window.read_height, window.read_width, len(band_numbers)),
+                        dtype=np.float32)
+        valid = np.ones((window.read_height, window.read_width), dtype=bool)
+        for position, band in enumerate(band_numbers):
+            values = dataset.read(band, window=area).astype(np.float32, copy=False)
+            band_valid = np.isfinite(values)
+            nodata = dataset.nodatavals[band - 1]
+            if nodata is not None and np.isfinite(nodata):
+                band_valid &= values != np.float32(nodata)
+            scale = dataset.scales[band - 1] if dataset.scales else 1.0
+            offset = dataset.offsets[band - 1] if dataset.offsets else 0.0
+            if scale != 1.0 or offset != 0.0:
+                values = values * np.float32(scale) + np.float32(offset)
+            cube[..., position] = values
+            valid &= band_valid
+        cube[~valid] = 0.0
+        return cube, valid
+
+    return read
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+@dataclass
+class PredictionSummary:
+    n_valid: int
+    cluster_sizes: list[int]
+    seconds: float
+
+
+def predict_raster(model: MS2ANet, in_path: str | os.PathLike,
+                   out_labels_path: str | os.PathLike,
+                   out_features_path: str | os.PathLike | None = None,
+                   monitor: Monitor | None = None) -> PredictionSummary:
+    """Cluster a raster file tile by tile (memory bounded by the tile size, not the raster).
+
+    Labels (0 = nodata, 1..k) and, optionally, the 36-band code (nodata -9999) are written with
+    windowed writes to temporary files that are renamed at the end.
+    """
+    monitor = monitor or silent()
+    started = time.perf_counter()
+    grid = read_grid(in_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        dataset = rasterio.open(in_path)
+    with dataset:
+        if dataset.count != model.source_band_count:
+            raise ValueError(
+                f"The model expects a raster with {model.source_band_count} band(s) (it uses "
+                f"bands {_band_list(model.band_numbers)}); '{in_path}' has {dataset.count}. "
+                "Apply the model to a raster of the same sensor and band layout."
+            )
+        if grid.height < 2 or grid.width < 2:
+            raise ValueError(f"'{in_path}' is {grid.height}x{grid.width} pixels; MS2A-Net needs "
+                             "at least 2x2 pixels.")
+        reader = raster_window_reader(dataset, model.band_numbers)
+        sizes = np.zeros(model.n_clusters + 1, dtype=np.int64)
+        label_dtype = smallest_unsigned_dtype(model.n_clusters)
+        with contextlib.ExitStack() as stack:
+            label_temp = stack.enter_context(atomic_output(out_labels_path))
+            labels_out = stack.enter_context(_open_for_writing(
+                label_temp, _profile(grid, 1, label_dtype, 0)))
+            features_out = None
+            if out_features_path:
+                features_temp = stack.enter_context(atomic_output(out_features_path))
+                features_out = stack.enter_context(_open_for_writing(
+                    features_temp, _profile(grid, CODE_CHANNELS, "float32", FLOAT_NODATA)))
+            for window, code, window_valid in model._tile_codes(reader, grid.height,
+                                                                grid.width, monitor):
+                labels = model._labels_of(code, window_valid)
+                sizes += np.bincount(labels.ravel(), minlength=model.n_clusters + 1)
+                area = Window(window.col, window.row, window.width, window.height)
+                labels_out.write(labels.astype(label_dtype), 1, window=area)
+                if features_out is not None:
+                    bands = code.transpose(2, 0, 1).copy()
+                    bands[:, ~window_valid] = FLOAT_NODATA
+                    features_out.write(bands, window=area)
+            labels_out.set_band_description(1, "cluster")
+            if features_out is not None:
+                for index in range(CODE_CHANNELS):
+                    features_out.set_band_description(index + 1, f"MS2A-Net code {index + 1}")
+            # Close the datasets before atomic_output renames them (ExitStack unwinds LIFO).
+    return PredictionSummary(int(sizes[1:].sum()), [int(s) for s in sizes[1:]],
+                             time.perf_counter() - started)
+
+
+def _band_list(band_numbers: list[int]) -> str:
+    if len(band_numbers) > 8:
+        return f"{band_numbers[0]}..{band_numbers[-1]} ({len(band_numbers)} bands)"
+    return ", ".join(str(b) for b in band_numbers)
+
+
+def _open_for_writing(path: Path, profile: dict):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path, "w", **profile)

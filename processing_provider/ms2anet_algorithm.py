@@ -1,0 +1,124 @@
+"""Processing algorithm: MS2A-Net clustering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import QgsProcessingParameterFileDestination
+
+from engine.ms2anet import CODE_CHANNELS, MS2ANet
+from engine.raster_io import read_grid
+from processing_provider import outputs
+from processing_provider.base import HSIAlgorithm, OutputFiles
+
+HELP = """
+<p>Unsupervised clustering of a hyper- or multispectral raster with <b>MS2A-Net</b>, a
+multiscale spectral-spatial association network: an autoencoder whose spatial stream (three 5x5
+convolutions with dilation 1, 2 and 4) gives a 36-d code of every pixel, and whose
+spectral-association stream helps reconstruct the image. The code is clustered with k-means.</p>
+<p>Every valid pixel is clustered; nodata pixels (and bands that are entirely nodata) are left
+out of training and k-means and written as 0. The cluster raster has the input's grid and CRS,
+values 1..k and a paletted style.</p>
+<p><b>Parameters.</b> <i>lambda</i> weighs the spectral-mean constraint (0.1 in the paper).
+<i>Iterations</i>: Adam steps (800 in the paper); the weights with the lowest loss are kept.
+<i>Training sample size</i>: a scene with at most this many pixels trains in one piece, as in
+the paper; a larger scene trains on one random crop of about this many pixels per iteration.
+The cluster raster is computed tile by tile with an 8-pixel halo, so tiling does not change it.
+</p>
+<p><b>Outputs.</b> Optionally the 36-band code (the clustering features) and a model file
+(.pt) that <i>Apply clustering model</i> applies to other rasters of the same band layout.</p>
+<p>Reference: Rafiezadeh Shahi, K., Ghamisi, P., Rasti, B., Scheunders, P., Gloaguen, R.,
+"Unsupervised Hyperspectral Image Clustering Using a Multiscale Spectral-Spatial Association
+Network", IEEE Journal of Selected Topics in Applied Earth Observations and Remote Sensing, 2022,
+doi:10.1109/JSTARS.2022.3198137.</p>
+"""
+
+
+class MS2ANetClusteringAlgorithm(HSIAlgorithm):
+    N_CLUSTERS = "N_CLUSTERS"
+    LAMBDA = "LAMBDA"
+    ITERATIONS = "ITERATIONS"
+    LEARNING_RATE = "LEARNING_RATE"
+    TRAINING_PIXELS = "TRAINING_PIXELS"
+    OUTPUT = "OUTPUT"
+    OUTPUT_FEATURES = "OUTPUT_FEATURES"
+    OUTPUT_MODEL = "OUTPUT_MODEL"
+
+    algorithm_id = "ms2anet"
+    display_name = "MS2A-Net clustering"
+    help_text = HELP
+
+    def define_parameters(self) -> None:
+        self.add_input_raster()
+        self.add_integer(self.N_CLUSTERS, "Number of clusters", 5, 2, 1000)
+        self.add_band_selection()
+        self.add_double(self.LAMBDA, "lambda: weight of the spectral-mean constraint", 0.1, 0.0)
+        self.add_integer(self.ITERATIONS, "Training iterations", 800, 1, 100_000)
+        self.add_double(self.LEARNING_RATE, "Learning rate", 1e-3, 1e-7, 1.0, advanced=True)
+        self.add_integer(self.TRAINING_PIXELS, "Training sample size (pixels)", 262144, 64,
+                         advanced=True)
+        self.add_seed_and_device()
+        self.add_raster_output(self.OUTPUT, "Clusters")
+        self.add_raster_output(self.OUTPUT_FEATURES, f"MS2A-Net code ({CODE_CHANNELS} bands)",
+                               optional=True)
+        self.addParameter(QgsProcessingParameterFileDestination(
+            self.OUTPUT_MODEL, "Model file", "MS2A-Net model (*.pt)", optional=True,
+            createByDefault=False,
+        ))
+
+    def run(self, parameters, context, feedback, monitor, written: OutputFiles) -> dict[str, Any]:
+        label_path = self.output_path(parameters, self.OUTPUT, context)
+        features_path = self.output_path(parameters, self.OUTPUT_FEATURES, context)
+        model_path = (self.parameterAsFileOutput(parameters, self.OUTPUT_MODEL, context)
+                      if parameters.get(self.OUTPUT_MODEL) else "")
+        for path in (label_path, features_path, model_path):
+            if path:
+                outputs.check_writable(path)
+
+        raster = self.read_input(parameters, context, monitor.stage(0.0, 0.02))
+        source_path = self.input_raster_path(parameters, context)
+        n_clusters = self.parameterAsInt(parameters, self.N_CLUSTERS, context)
+        model = MS2ANet(
+            n_clusters=n_clusters,
+            lam=self.parameterAsDouble(parameters, self.LAMBDA, context),
+            iterations=self.parameterAsInt(parameters, self.ITERATIONS, context),
+            learning_rate=self.parameterAsDouble(parameters, self.LEARNING_RATE, context),
+            training_pixels=self.parameterAsInt(parameters, self.TRAINING_PIXELS, context),
+            seed=self.seed(parameters, context),
+            device=self.device(parameters, context),
+        )
+        # The band count of the file (not of the kept bands) is what an applied model checks.
+        source_band_count = _band_count(source_path)
+        result = model.fit(raster.cube, raster.valid, monitor.stage(0.02, 0.95),
+                           band_numbers=raster.band_numbers,
+                           source_band_count=source_band_count,
+                           return_features=bool(features_path))
+        feedback.pushInfo(
+            f"Kept the weights of iteration {result.chosen_iteration} (lowest loss "
+            f"{min(result.loss_history):.5f}); "
+            + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in result.seconds.items())
+        )
+
+        results: dict[str, Any] = {}
+        results[self.OUTPUT] = self.write_labels(label_path, result.labels, raster.grid,
+                                                 n_clusters, written)
+        if features_path:
+            results[self.OUTPUT_FEATURES] = self.write_float_stack(
+                features_path, result.features, raster.valid, raster.grid,
+                [f"MS2A-Net code {j}" for j in range(1, CODE_CHANNELS + 1)], written,
+            )
+        monitor.check()
+        if model_path:
+            written.add(model_path)
+            model.save(model_path)
+            results[self.OUTPUT_MODEL] = model_path
+        monitor.progress(1.0)
+        return results
+
+
+def _band_count(path: str) -> int:
+    import rasterio
+
+    read_grid(path)  # gives the project's clear error for a file GDAL cannot read
+    with rasterio.open(path) as dataset:
+        return dataset.count
