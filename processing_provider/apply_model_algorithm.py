@@ -45,7 +45,8 @@ class ApplyModelAlgorithm(HSIAlgorithm):
         ), advanced=True)
         self.add_raster_output(self.OUTPUT, "Clusters")
 
-    def run(self, parameters, context, feedback, monitor, written: OutputFiles) -> dict[str, Any]:
+    def run_algorithm(self, parameters, context, feedback, monitor,
+                      written: OutputFiles) -> dict[str, Any]:
         label_path = self.output_path(parameters, self.OUTPUT, context)
         outputs.check_writable(label_path)
         model_path = self.parameterAsFile(parameters, self.MODEL, context)

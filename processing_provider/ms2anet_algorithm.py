@@ -66,7 +66,8 @@ class MS2ANetClusteringAlgorithm(HSIAlgorithm):
             createByDefault=False,
         ))
 
-    def run(self, parameters, context, feedback, monitor, written: OutputFiles) -> dict[str, Any]:
+    def run_algorithm(self, parameters, context, feedback, monitor,
+                      written: OutputFiles) -> dict[str, Any]:
         label_path = self.output_path(parameters, self.OUTPUT, context)
         features_path = self.output_path(parameters, self.OUTPUT_FEATURES, context)
         model_path = (self.parameterAsFileOutput(parameters, self.OUTPUT_MODEL, context)
