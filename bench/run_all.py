@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no benchmark data at {DATA}; nothing to do")
         return 0
 
-    rows = []
+    rows: list[dict] = []
+    stamp = {"date": dt.datetime.now().isoformat(timespec="seconds"),
+             "command": "python -m bench.run_all " + " ".join(argv or [])}
     for scene in args.scenes:
         for method in args.methods:
             for seed in args.seeds:
@@ -98,23 +100,31 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run(scene, method, args.seeds[0], CROPS[scene], args.settings))
     with open(HERE / "results.jsonl", "a") as log:
         for row in rows:
-            log.write(json.dumps(row) + "\n")
+            log.write(json.dumps({**row, **stamp}) + "\n")
+    write_report(Path(args.output))
+    return 0
 
-    command = "make bench" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else "")
+
+def write_report(output: Path) -> None:
+    """RESULTS.md summarises every run recorded in results.jsonl (runs may come in pieces)."""
+    rows = [json.loads(line) for line in (HERE / "results.jsonl").read_text().splitlines()
+            if line.strip()]
+    commands = sorted({(row.get("date", "?")[:10], row.get("command", "?")) for row in rows})
+
     report = [
         "# Benchmark results", "",
-        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}",
+        f"- report written: {dt.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {machine()}",
-        f"- command: `{command}` (python -m bench.run_all {' '.join(argv or sys.argv[1:])})",
+        "- commands (date, command; `make bench BENCH_ARGS='...'` runs the same):",
+        *[f"  - {date}: `{command}`" for date, command in commands],
         "- OA / NMI / kappa on labelled pixels only; every valid pixel is clustered. OA and "
         "kappa after Hungarian matching. Seconds = reading + clustering, one process per run; "
         "peak RSS = that process's maximum resident set.", "",
         *summarise(rows), "",
         "Per-run lines are in `bench/results.jsonl`.", "",
     ]
-    Path(args.output).write_text("\n".join(report))
+    output.write_text("\n".join(report))
     print("\n".join(report))
-    return 0
 
 
 if __name__ == "__main__":
