@@ -9,6 +9,11 @@ ones on a random subsample of query points (searched over all points).
     .venv/bin/python bench/finch_scale.py --components 300 --height 300 --width 300
 
 Not a test: run it by hand, once, on an otherwise idle machine.
+
+Measured (2 cores shared with other jobs, the run got ~1 core on average), defaults (64 comps):
+patch_pca_features 9.2 s, finch 101.3 s (partitions of 217,345 and 65,929 clusters), FINCH
+stage 110.5 s, peak RSS 1.02 GB, round-0 recall@1 0.9998 on 5000 queries. With
+``--components 300``: 22.8 s + 240.8 s = 263.6 s, peak RSS 2.6 GB, recall 1.000 (1000 queries).
 """
 
 from __future__ import annotations

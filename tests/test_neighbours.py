@@ -87,6 +87,19 @@ def test_approximate_recall_on_20k_points() -> None:
     assert recall >= 0.95, recall
 
 
+def test_approximate_handles_many_duplicates() -> None:
+    # Half the rows are copies of 50 patterns (think flat water or zero-filled nodata patches).
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(4000, 8)).astype(np.float32)
+    copies = np.arange(0, 4000, 2)
+    features[copies] = features[copies % 100 + 1]  # odd rows 1..99 are the patterns
+    neighbour = first_neighbours(features, method="approximate")
+
+    assert np.all(neighbour != np.arange(4000))
+    twins = np.concatenate([copies, np.arange(1, 100, 2)])
+    assert np.array_equal(features[neighbour[twins]], features[twins])
+
+
 def test_auto_switches_on_exact_max_points() -> None:
     rng = np.random.default_rng(2)
     features = rng.normal(size=(3000, 8)).astype(np.float32)
