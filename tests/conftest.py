@@ -176,3 +176,15 @@ def shared_data_dir() -> Path:
 def tmp_out(tmp_path) -> Path:
     """A fresh output folder for one test."""
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for in-process training runs, restored afterwards: on 2 cores shared with
+    other processes, torch's two threads oversubscribe and a small run gets several times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

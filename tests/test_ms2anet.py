@@ -39,12 +39,7 @@ K = 3
 FAST_ITERATIONS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blocks_cube(height: int, width: int, bands: int = 8, seed: int = 0):

@@ -57,15 +57,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> DemoScene:
                            n_classes=K, seed=0, nodata_border=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Same reason as OMP_NUM_THREADS above, for the in-process runs; restored afterwards."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
