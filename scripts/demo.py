@@ -24,7 +24,6 @@ import math
 import os
 import subprocess
 import sys
-import sysconfig
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +31,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.install_plugin import (  # noqa: E402  (needs the repository on sys.path)
+    venv_site_packages as installed_venv_site_packages,
+)
 
 QGIS_PROCESS = Path("/usr/bin/qgis_process.bin")
 PLUGIN_DIR_REL = Path(".local/share/QGIS/QGIS3/profiles/default/python/plugins/hsi_cluster")
@@ -46,13 +49,10 @@ class DemoError(RuntimeError):
 
 
 def venv_site_packages() -> Path:
-    """site-packages of the venv running this script (else of the repository's .venv)."""
-    if sys.prefix != sys.base_prefix:
-        return Path(sysconfig.get_paths()["purelib"])
-    found = sorted((REPO_ROOT / ".venv" / "lib").glob("python3*/site-packages"))
-    if not found:
+    found = installed_venv_site_packages()
+    if found is None:
         raise DemoError("no virtual environment found: run `make setup` (or `make demo`) first")
-    return found[0]
+    return found
 
 
 def qgis_env(threads: int | None) -> dict[str, str]:

@@ -94,6 +94,14 @@ def iter_plugin_files(repo_root: Path = REPO_ROOT) -> Iterator[tuple[Path, str]]
                 yield file, f"{name}/{file.relative_to(src).as_posix()}"
 
 
+def venv_site_packages(repo_root: Path = REPO_ROOT) -> Path | None:
+    """site-packages of the venv running this Python, else of the repository's ``.venv``."""
+    if sys.prefix != sys.base_prefix:
+        return Path(sysconfig.get_paths()["purelib"])
+    found = sorted((Path(repo_root) / ".venv" / "lib").glob("python3*/site-packages"))
+    return found[0] if found else None
+
+
 def default_python_paths(repo_root: Path = REPO_ROOT) -> list[Path]:
     """Site-packages folder(s) the installed plugin should fall back on.
 

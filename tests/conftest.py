@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.install_plugin import (  # noqa: E402  (needs the repository on sys.path)
+    venv_site_packages as installed_venv_site_packages,
+)
 
 # Qt must not look for a display; set before anything imports Qt.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -36,12 +39,10 @@ _KEEP_ALIVE: list = []  # Python providers registered by the tests (see register
 
 def venv_site_packages() -> Path:
     """site-packages of the venv running the tests (else of the repository's .venv)."""
-    if sys.prefix != sys.base_prefix:
-        return Path(sysconfig.get_paths()["purelib"])
-    found = sorted((REPO_ROOT / ".venv" / "lib").glob("python3*/site-packages"))
-    if not found:
+    found = installed_venv_site_packages()
+    if found is None:
         raise RuntimeError("no venv: run the tests through `make test`")
-    return found[0]
+    return found
 
 
 def register_hsi_provider() -> bool:
