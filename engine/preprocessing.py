@@ -65,11 +65,53 @@ class PCAProjection:
         return ((pixels - self.mean) @ self.components.T).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class SpectralPreprocessing:
+    """The reference SCDSC input: standardise bands, PCA, then standardise the components.
+
+    Kept as fitted statistics (not only applied once) so that a saved model transforms another
+    raster exactly as it transformed its training scene.
+    """
+
+    bands: BandStandardiser
+    pca: PCAProjection
+    components: BandStandardiser
+
+    @classmethod
+    def fit(cls, pixels: np.ndarray, n_components: int) -> SpectralPreprocessing:
+        bands = BandStandardiser.fit(pixels)
+        standardised = bands.transform(pixels)
+        pca = PCAProjection.fit(standardised, n_components)
+        components = BandStandardiser.fit(pca.transform(standardised))
+        return cls(bands=bands, pca=pca, components=components)
+
+    def transform(self, pixels: np.ndarray) -> np.ndarray:
+        return self.components.transform(self.pca.transform(self.bands.transform(pixels)))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "band_mean": self.bands.mean, "band_std": self.bands.std,
+            "pca_mean": self.pca.mean, "pca_components": self.pca.components,
+            "pca_explained_variance_ratio": self.pca.explained_variance_ratio,
+            "component_mean": self.components.mean, "component_std": self.components.std,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SpectralPreprocessing:
+        def array(name: str) -> np.ndarray:
+            return np.asarray(arrays[name], dtype=np.float32)
+
+        return cls(
+            bands=BandStandardiser(array("band_mean"), array("band_std")),
+            pca=PCAProjection(array("pca_mean"), array("pca_components"),
+                              array("pca_explained_variance_ratio")),
+            components=BandStandardiser(array("component_mean"), array("component_std")),
+        )
+
+
 def standardised_pca_pixels(pixels: np.ndarray, n_components: int) -> np.ndarray:
     """The reference SCDSC input: standardise bands, PCA, then standardise the components."""
-    standardised = BandStandardiser.fit(pixels).transform(pixels)
-    projected = PCAProjection.fit(standardised, n_components).transform(standardised)
-    return BandStandardiser.fit(projected).transform(projected)
+    return SpectralPreprocessing.fit(pixels, n_components).transform(pixels)
 
 
 def pixels_to_image(pixels: np.ndarray, valid: np.ndarray, fill: float = 0.0) -> np.ndarray:

@@ -44,6 +44,7 @@ class RasterData:
     transform: Affine
     source_path: str
     dropped_bands: list[int] = field(default_factory=list)
+    source_band_count: int = 0  # bands in the file (a saved model checks a raster against it)
 
     @property
     def height(self) -> int:
@@ -151,6 +152,7 @@ def read_raster(
             monitor.progress((position + 1) / len(band_numbers))
         crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
         transform = dataset.transform
+        source_band_count = dataset.count
 
     if dropped:
         monitor.warn(
@@ -184,6 +186,7 @@ def read_raster(
         transform=transform,
         source_path=str(path),
         dropped_bands=dropped,
+        source_band_count=source_band_count,
     )
 
 

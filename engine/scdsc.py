@@ -47,7 +47,7 @@ from engine.device import resolve_device, seed_everything
 from engine.finch import mini_clusters
 from engine.monitor import Monitor, silent
 from engine.patch_features import patch_pca_features
-from engine.preprocessing import pixels_to_image, standardised_pca_pixels
+from engine.preprocessing import SpectralPreprocessing, pixels_to_image
 
 # Two 3x3 convolutions in the encoder: a feature is exact (no zero padding effect) only this far
 # inside a tile, so tiles carry this much extra context.
@@ -524,8 +524,8 @@ class SCDSC:
 
         monitor.info(f"SCDSC: {int(valid.sum())} valid pixels, {cube.shape[2]} bands, "
                      f"k = {self.n_clusters}, device {device}")
-        pixels = standardised_pca_pixels(cube[valid], self.n_components)
-        image = pixels_to_image(pixels, valid)
+        preprocessing = SpectralPreprocessing.fit(cube[valid], self.n_components)
+        image = pixels_to_image(preprocessing.transform(cube[valid]), valid)
         monitor.progress(0.01)
 
         clock = time.perf_counter()
@@ -596,6 +596,7 @@ class SCDSC:
         seconds["assignment"] = time.perf_counter() - clock
         seconds["total"] = time.perf_counter() - started
         self.autoencoder_, self.bases_ = autoencoder, bases
+        self.preprocessing_ = preprocessing
         return SCDSCResult(
             labels=labels, soft_assignments=soft, selected_epoch=best_epoch,
             confident_share=best_share, n_mini_clusters=n_mini, seconds=seconds,
@@ -616,3 +617,11 @@ class SCDSC:
 
         self._scene_pass(autoencoder, scene, store, monitor)
         return soft
+
+
+def apply_scdsc_model(model_path, raster_path, out_path, bands=None, monitor=None):
+    """Apply a saved SCDSC model to a raster: see :mod:`engine.scdsc_model` (imported lazily,
+    since that module builds on this one)."""
+    from engine.scdsc_model import apply_scdsc_model as apply
+
+    return apply(model_path, raster_path, out_path, bands, monitor)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgis.core import QgsProcessingParameterEnum
+from qgis.core import QgsProcessingParameterEnum, QgsProcessingParameterFileDestination
 
 from engine.scdsc import SCDSC
+from engine.scdsc_model import save_scdsc_model
 from processing_provider import outputs
 from processing_provider.base import HSIAlgorithm, OutputFiles
 
@@ -29,6 +30,9 @@ weighs the mini-cluster term (3 in all the paper's experiments), <i>beta2</i> th
 than the batch train on random tiles per epoch. The epoch kept is the one with the largest share
 of confident pixels (max soft assignment above 0.9), as in the reference code; no labels are
 used.</p>
+<p><b>Model file</b> (optional): saves the trained network, subspace bases and band scaling, so
+<i>Apply clustering model</i> can map another raster with the same bands into the same clusters
+(for example: train on a crop, map the whole scene).</p>
 <p>Reference: Li, X. et al., "Scalable Context-Preserving Model-Aware Deep Clustering for
 Hyperspectral Images", Remote Sensing 17(24), 4030, 2025, doi:10.3390/rs17244030.</p>
 """
@@ -46,6 +50,7 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
     OUTPUT = "OUTPUT"
     OUTPUT_SOFT = "OUTPUT_SOFT"
     OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
+    OUTPUT_MODEL = "OUTPUT_MODEL"
 
     algorithm_id = "scdsc"
     display_name = "SCDSC clustering"
@@ -70,13 +75,19 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
         self.add_raster_output(self.OUTPUT, "Clusters")
         self.add_raster_output(self.OUTPUT_SOFT, "Soft assignments (k bands)", optional=True)
         self.add_vector_output(self.OUTPUT_POLYGONS, "Clusters as polygons", optional=True)
+        self.addParameter(QgsProcessingParameterFileDestination(
+            self.OUTPUT_MODEL, "Model file (for Apply clustering model)", "SCDSC model (*.pt)",
+            optional=True, createByDefault=False,
+        ))
 
     def run_algorithm(self, parameters, context, feedback, monitor,
                       written: OutputFiles) -> dict[str, Any]:
         label_path = self.output_path(parameters, self.OUTPUT, context)
         soft_path = self.output_path(parameters, self.OUTPUT_SOFT, context)
         polygon_path = self.output_path(parameters, self.OUTPUT_POLYGONS, context)
-        for path in (label_path, soft_path, polygon_path):
+        model_path = (self.parameterAsFileOutput(parameters, self.OUTPUT_MODEL, context)
+                      if parameters.get(self.OUTPUT_MODEL) else "")
+        for path in (label_path, soft_path, polygon_path, model_path):
             if path:
                 outputs.check_writable(path)
 
@@ -117,5 +128,10 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
             count = outputs.polygonize_labels(label_path, polygon_path)
             feedback.pushInfo(f"{count} cluster polygons written")
             results[self.OUTPUT_POLYGONS] = polygon_path
+        if model_path:
+            written.add(model_path)
+            save_scdsc_model(model, model_path, raster.band_numbers,
+                             source_band_count=raster.source_band_count)
+            results[self.OUTPUT_MODEL] = model_path
         monitor.progress(1.0)
         return results
