@@ -1,4 +1,5 @@
-"""The QGIS plugin class: registers the HSI Cluster Processing provider.
+"""The QGIS plugin class: registers the HSI Cluster Processing provider and offers the embedding
+dock (toolbar button and Plugins > HSI Cluster menu).
 
 Loading this plugin must never break QGIS start-up: every step is wrapped, and failures are
 logged to the message log under the tag "HSI Cluster" (and shown in the message bar in desktop
@@ -7,6 +8,7 @@ QGIS) instead of raised.
 
 from __future__ import annotations
 
+import os
 import traceback
 
 from qgis.core import Qgis, QgsApplication, QgsMessageLog
@@ -15,6 +17,7 @@ from .dependencies import add_configured_python_path, install_hint, missing_depe
 
 LOG_TAG = "HSI Cluster"
 PROVIDER_ID = "hsicluster"
+MENU = "&HSI Cluster"
 
 
 def _log(message: str, level=Qgis.Info) -> None:
@@ -36,6 +39,8 @@ class HSIClusterPlugin:
     def __init__(self, iface):
         self.iface = iface
         self.provider = None
+        self.dock = None  # the embedding dock, created the first time it is shown
+        self.dock_action = None
         self.missing: list[str] = []
         self._warned = False
 
@@ -100,12 +105,82 @@ class HSIClusterPlugin:
         """Desktop QGIS entry point (``qgis_process`` only calls :meth:`initProcessing`)."""
         try:
             self.initProcessing()
-            # A dock widget (interactive clustering panel) will be created here later.
         except Exception:
             _log("initGui failed:\n" + traceback.format_exc(), Qgis.Critical)
+        try:
+            self._add_dock_action()
+        except Exception:
+            _log("could not add the embedding panel:\n" + traceback.format_exc(), Qgis.Critical)
+
+    def _add_dock_action(self) -> None:
+        """Toolbar button and Plugins > HSI Cluster menu entry toggling the embedding dock (the
+        dock itself also appears under View > Panels once created). The dock needs only numpy
+        and PyQGIS, so it is offered even when the Processing dependencies are missing."""
+        if self.iface is None or self.dock_action is not None:
+            return
+        from qgis.PyQt.QtGui import QIcon
+        from qgis.PyQt.QtWidgets import QAction
+
+        icon = QIcon(os.path.join(os.path.dirname(__file__), "icon_embedding.svg"))
+        action = QAction(icon, "HSI Cluster embedding panel", self.iface.mainWindow())
+        action.setObjectName("HSIClusterEmbeddingPanelAction")
+        action.setCheckable(True)
+        action.setToolTip("Show the segment embedding (UMAP) of a labelling layer, brush it, "
+                          "label segments")
+        action.toggled.connect(self.show_dock)
+        self.iface.addToolBarIcon(action)
+        self.iface.addPluginToMenu(MENU, action)
+        self.dock_action = action
+
+    def create_dock(self):
+        """The embedding dock (created once); works without ``iface`` too (tests)."""
+        if self.dock is None or _is_deleted(self.dock):
+            from .dock.embedding_dock import EmbeddingDock
+
+            parent = self.iface.mainWindow() if self.iface is not None else None
+            self.dock = EmbeddingDock(self.iface, parent)
+            if self.iface is not None:
+                from qgis.PyQt.QtCore import Qt
+
+                self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+                layer = self.iface.activeLayer()
+                if layer is not None:
+                    self.dock.set_layer(layer)
+            if self.dock_action is not None:
+                self.dock.setToggleVisibilityAction(self.dock_action)
+        return self.dock
+
+    def show_dock(self, visible: bool = True) -> None:
+        try:
+            if visible or self.dock is not None:
+                self.create_dock().setUserVisible(bool(visible))
+        except Exception:
+            _log("could not show the embedding panel:\n" + traceback.format_exc(), Qgis.Critical)
+
+    def _remove_dock(self) -> None:
+        dock, self.dock = self.dock, None
+        action, self.dock_action = self.dock_action, None
+        if action is not None and self.iface is not None:
+            try:
+                self.iface.removePluginMenu(MENU, action)
+                self.iface.removeToolBarIcon(action)
+            except Exception:
+                _log("could not remove the panel action:\n" + traceback.format_exc())
+        if dock is not None and not _is_deleted(dock):
+            dock.close_down()
+            if self.iface is not None:
+                self.iface.removeDockWidget(dock)
+            dock.setParent(None)
+            dock.deleteLater()
+        if action is not None and not _is_deleted(action):
+            action.deleteLater()
 
     def unload(self) -> None:
-        """Remove the provider from the registry; safe to call more than once."""
+        """Remove the dock and the provider; safe to call more than once."""
+        try:
+            self._remove_dock()
+        except Exception:
+            _log("removing the embedding panel failed:\n" + traceback.format_exc(), Qgis.Warning)
         provider, self.provider = self.provider, None
         if provider is None or _is_deleted(provider):
             return
