@@ -58,10 +58,23 @@ def cluster(method: str, cube: np.ndarray, valid: np.ndarray, k: int, seed: int,
         labels[valid] = assignment + 1
         return labels, {}
     if method == "ms2anet":
+        import os
+
+        import torch
+
         from engine.ms2anet import MS2ANet
 
-        result = MS2ANet(n_clusters=k, seed=seed, **settings).fit(cube, valid)
+        # BENCH_TORCH_THREADS=1 on a shared machine: with more runnable threads than free
+        # cores, torch's OpenMP threads spin-wait on each other (measured 3x slower at 2).
+        threads = int(os.environ.get("BENCH_TORCH_THREADS", torch.get_num_threads()))
+        torch.set_num_threads(threads)
+        result = MS2ANet(n_clusters=k, seed=seed, device="cpu", **settings).fit(cube, valid)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        # CPU seconds of the process so far: on a shared machine, wall seconds measure the
+        # other jobs too; with one thread, CPU seconds ~ the wall time on a free core.
         return result.labels, {"chosen_iteration": result.chosen_iteration,
+                               "torch_threads": threads,
+                               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                                "stage_seconds": {k: round(v, 1) for k, v in
                                                  result.seconds.items()}}
     raise ValueError(f"unknown method {method}")

@@ -10,9 +10,11 @@ decoder reconstruct the image for the unsupervised loss.
 
 Decisions beyond the paper (the paper trains and clusters one small scene in one piece):
 
-* Training sample. A scene of at most ``training_pixels`` pixels trains in one piece, as in the
-  paper. A larger scene trains on one random crop of about ``training_pixels`` pixels per
-  iteration, so training memory does not grow with the scene.
+* Training sample. A scene of at most ``training_pixels`` pixels (default 65,536 = 256 x 256)
+  trains in one piece, as in the paper (its scenes have 10k-425k pixels, on a GPU). A larger
+  scene trains on one random crop of about ``training_pixels`` pixels per iteration, so training
+  time and memory do not grow with the scene (800 crops of 64k pixels visit a 1-Mpixel scene
+  about 50 times). The min-max ranges still come from the whole scene.
 * Spectral association (SA) across tiles. SA is a sum over all pixels, so computing it per tile
   would make tiles disagree. The clustering code M' does not depend on SA at all (SA only feeds
   the reconstruction), so tiled inference needs no SA. For the reconstruction path the model
@@ -29,20 +31,35 @@ Decisions beyond the paper (the paper trains and clusters one small scene in one
 * Nodata pixels are 0 in the scaled input, are left out of both loss terms, of SA, of the
   min-max scaling and of k-means, and get label 0. (They still take part in the BatchNorm batch
   statistics, which are per-channel means over the image.)
-* k-means runs on the code of every valid pixel when there are at most ``KMEANS_MAX_PIXELS``
-  of them; otherwise on a random sample of that size, and every pixel gets its nearest centre.
+* k-means (n_init 10, the scikit-learn default the reference ran with) runs on the code of
+  every valid pixel when there are at most ``KMEANS_MAX_PIXELS`` of them; otherwise on a random
+  sample of that size, and every pixel gets its nearest centre (row-wise float64 distances, so
+  a pixel's label does not depend on its tile).
+* Lowest-loss weights: the loss of iteration i belongs to the weights before step i, and those
+  weights are kept (the reference saves the weights after step i, one step later).
+* Inference memory: tiles are read and written through rasterio windows with GDAL's block cache
+  bounded (``GDAL_CACHE_BYTES``); peak memory does not depend on the raster size
+  (bench/ms2anet_memory.py measures it on a 16x raster).
+
+Checked against the reference code (Kasra2020/MS2A-Net): min-max scaling per band over all
+pixels, separate BN per dilated stream (= one BN over the 36 channels), M' taken after
+BN + ReLU, 1x1 stride-2 conv -> bilinear x2 -> BN -> ReLU, softmax over the 3 F channels and over
+the bands of X, decoder conv3x3 + BN + ReLU, plain MSE terms, lambda 0.1, Adam lr 1e-3, 800
+iterations, features extracted with BN in train mode (batch statistics of the whole image).
+
+Speed (no change to the numbers): constant parts of a training image (its band softmax P and
+band mean) are computed once, masks are multiplications instead of boolean indexing, the 1x1
+stride-2 conv is "every second pixel, then 1x1", and for few bands the dilated convs run as
+dense convs on phase sub-images (``dilated_conv``; bit-identical here, 2.5x faster backward).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
 import math
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,11 +67,10 @@ import numpy as np
 import rasterio
 import torch
 import torch.nn.functional as functional
-from rasterio.errors import NotGeoreferencedWarning
-from rasterio.windows import Window
 from torch import nn
 
 from engine.device import resolve_device, seed_everything
+from engine.model_file import read_model_file
 from engine.monitor import Monitor, silent
 from engine.raster_io import (
     FLOAT_NODATA,
@@ -62,6 +78,17 @@ from engine.raster_io import (
     atomic_output,
     read_grid,
     smallest_unsigned_dtype,
+)
+from engine.windowed_io import (
+    GDAL_CACHE_BYTES,
+    PredictionSummary,
+    TileWindow,
+    WindowReader,
+    array_window_reader,
+    open_for_writing,
+    open_raster,
+    raster_window_reader,
+    tile_windows,
 )
 
 ALGORITHM_NAME = "ms2anet"
@@ -73,8 +100,10 @@ SPATIAL_KERNEL = 5
 STREAM_CHANNELS = 3  # d2 = d3 = 3 in the paper
 # Pixels around a pixel that its code M' depends on: (kernel // 2) * largest dilation.
 CODE_HALO = (SPATIAL_KERNEL // 2) * max(DILATIONS)
-KMEANS_MAX_PIXELS = 500_000
+KMEANS_MAX_PIXELS = 200_000
 BN_CALIBRATION_CROPS = 8
+# Up to this many bands the dilated convs run as dense convs on phase sub-images (faster).
+SPACE_TO_BATCH_MAX_BANDS = 32
 
 
 # ------------------------------------------------------------------------------------- network
@@ -100,12 +129,16 @@ class MS2ANetwork(nn.Module):
 
     def code(self, image: torch.Tensor) -> torch.Tensor:
         """M' (N, 36, H, W) of a scaled image (N, B, H, W)."""
-        stacked = torch.cat([conv(image) for conv in self.dilated], dim=1)
+        few_bands = image.shape[1] <= SPACE_TO_BATCH_MAX_BANDS
+        stacked = torch.cat([dilated_conv(conv, image) if few_bands else conv(image)
+                             for conv in self.dilated], dim=1)
         return functional.relu(self.code_norm(stacked))
 
     def spatial_features(self, code: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         # size= (not scale_factor=2) so odd heights/widths come back to exactly (H, W).
-        half = self.squeeze(code)
+        # The 1x1 stride-2 conv as "every second pixel, then 1x1": the same numbers, but
+        # torch's backward of a strided 1x1 conv on the CPU is ~6x slower than this.
+        half = functional.conv2d(code[:, :, ::2, ::2], self.squeeze.weight, self.squeeze.bias)
         upsampled = functional.interpolate(half, size=size, mode="bilinear", align_corners=False)
         return functional.relu(self.spatial_norm(upsampled))
 
@@ -114,29 +147,72 @@ class MS2ANetwork(nn.Module):
         local = functional.relu(self.association_norm(self.association_conv(image)))
         return torch.softmax(local, dim=1)
 
-    def forward(self, image: torch.Tensor, valid: torch.Tensor,
-                frozen_association: torch.Tensor | None = None
+    def forward(self, image: torch.Tensor, valid: torch.Tensor | None = None,
+                frozen_association: torch.Tensor | None = None,
+                pixel_softmax: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(R, M', SA) for one image (1, B, H, W); ``valid`` (H, W) bool restricts SA's sum."""
+        """(R, M', SA) for one image (1, B, H, W).
+
+        ``valid`` (H, W) bool restricts SA's sum to valid pixels (all pixels when None);
+        ``pixel_softmax`` is ``band_softmax(image, valid)`` precomputed by a caller that runs many
+        iterations on the same image (it does not depend on the weights).
+        """
         height, width = image.shape[-2:]
         code = self.code(image)
         spatial = self.spatial_features(code, (height, width))
         association = frozen_association
         if association is None:
-            association = spectral_association(image, self.association_weights(image), valid)
+            if pixel_softmax is None:
+                pixel_softmax = band_softmax(image, valid)
+            association = association_from_softmax(pixel_softmax,
+                                                   self.association_weights(image))
         association_features = association_feature_maps(image, association)
         decoded = self.decoder_conv(torch.cat([spatial, association_features], dim=1))
         return functional.relu(self.decoder_norm(decoded)), code, association
 
 
-def spectral_association(image: torch.Tensor, weights: torch.Tensor,
-                         valid: torch.Tensor) -> torch.Tensor:
-    """SA (B x 3) = P^T F summed over valid pixels; P = softmax of X over bands per pixel."""
+def dilated_conv(conv: nn.Conv2d, image: torch.Tensor) -> torch.Tensor:
+    """``conv(image)`` for a dilated 'same' conv, computed as a dense conv on the d x d phase
+    sub-images ("space to batch"). Exactly the same sums (zero padding included): a tap at
+    offset k*d of pixel (i*d + a, j*d + b) is tap k of pixel (i, j) of phase (a, b). Only used
+    for few input bands, where torch's CPU backward of a dilated conv is ~2.5x slower."""
+    dilation = conv.dilation[0]
+    if dilation == 1:
+        return conv(image)
+    n, channels, height, width = image.shape
+    pad_bottom, pad_right = (-height) % dilation, (-width) % dilation
+    if pad_bottom or pad_right:  # zeros, as the conv's own padding would give
+        image = functional.pad(image, (0, pad_right, 0, pad_bottom))
+    rows, cols = (height + pad_bottom) // dilation, (width + pad_right) // dilation
+    phases = (image.reshape(n, channels, rows, dilation, cols, dilation)
+              .permute(0, 3, 5, 1, 2, 4).reshape(n * dilation * dilation, channels, rows, cols))
+    out = functional.conv2d(phases, conv.weight, conv.bias,
+                            padding=conv.padding[0] // dilation)
+    filters = out.shape[1]
+    out = (out.reshape(n, dilation, dilation, filters, rows, cols).permute(0, 3, 4, 1, 5, 2)
+           .reshape(n, filters, rows * dilation, cols * dilation))
+    return out[:, :, :height, :width]
+
+
+def band_softmax(image: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """P (B, H*W): softmax of each pixel's spectrum over its bands; 0 for nodata pixels."""
     bands = image.shape[1]
-    pixels = image[0].reshape(bands, -1).T[valid.reshape(-1)]  # (n, B)
-    band_softmax = torch.softmax(pixels, dim=1)
-    pixel_weights = weights[0].reshape(weights.shape[1], -1).T[valid.reshape(-1)]  # (n, 3)
-    return band_softmax.T @ pixel_weights
+    softmax = torch.softmax(image[0].reshape(bands, -1), dim=0)
+    if valid is not None:
+        # A multiplication, not boolean indexing: indexing costs as much as a small conv here.
+        softmax = softmax * valid.reshape(1, -1).to(softmax.dtype)
+    return softmax
+
+
+def association_from_softmax(pixel_softmax: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """SA (B x 3) = P^T F summed over pixels (nodata pixels have P = 0)."""
+    return pixel_softmax @ weights[0].reshape(weights.shape[1], -1).T
+
+
+def spectral_association(image: torch.Tensor, weights: torch.Tensor,
+                         valid: torch.Tensor | None) -> torch.Tensor:
+    """SA (B x 3) = P^T F summed over valid pixels; P = softmax of X over bands per pixel."""
+    return association_from_softmax(band_softmax(image, valid), weights)
 
 
 def association_feature_maps(image: torch.Tensor, association: torch.Tensor) -> torch.Tensor:
@@ -145,51 +221,47 @@ def association_feature_maps(image: torch.Tensor, association: torch.Tensor) -> 
 
 
 def ms2anet_loss(image: torch.Tensor, reconstruction: torch.Tensor, code: torch.Tensor,
-                 valid: torch.Tensor, lam: float) -> torch.Tensor:
-    """MSE(X, R) + lam * MSE(mean over channels of M', mean over bands of X), valid pixels."""
-    reconstruction_error = ((image - reconstruction) ** 2)[0][:, valid].mean()
-    mean_constraint = ((code.mean(dim=1) - image.mean(dim=1))[0][valid] ** 2).mean()
-    return reconstruction_error + lam * mean_constraint
+                 valid: torch.Tensor | None, lam: float,
+                 band_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE(X, R) + lam * MSE(mean over channels of M', mean over bands of X), valid pixels.
+
+    ``valid`` None means every pixel is valid (the reference's case: plain means);
+    ``band_mean`` is ``image.mean(dim=1)``, precomputed by callers that train many iterations.
+    """
+    if band_mean is None:
+        band_mean = image.mean(dim=1)
+    reconstruction_error = (image - reconstruction).square()
+    mean_error = (code.mean(dim=1) - band_mean).square()
+    if valid is None:
+        return reconstruction_error.mean() + lam * mean_error.mean()
+    weights = valid.to(image.dtype)
+    count = weights.sum().clamp_min(1.0)
+    return ((reconstruction_error.sum(dim=1) * weights).sum() / (count * image.shape[1])
+            + lam * (mean_error * weights).sum() / count)
+
+
+@dataclass
+class TrainingImage:
+    """One training image on the device with what the loss needs that the weights do not change."""
+
+    image: torch.Tensor  # (1, B, H, W) scaled, nodata 0
+    valid: torch.Tensor | None  # (1, H, W) bool, None when every pixel is valid
+    pixel_softmax: torch.Tensor  # (B, H*W)
+    band_mean: torch.Tensor  # (1, H, W)
+
+    @classmethod
+    def of(cls, scaled: np.ndarray, valid: np.ndarray, device: torch.device) -> TrainingImage:
+        image = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))[None]
+        image = image.to(device)
+        mask = None if valid.all() else torch.from_numpy(valid)[None].to(device)
+        return cls(image, mask, band_softmax(image, mask), image.mean(dim=1))
+
+    def step_loss(self, network: MS2ANetwork, lam: float) -> torch.Tensor:
+        reconstruction, code, _ = network(self.image, pixel_softmax=self.pixel_softmax)
+        return ms2anet_loss(self.image, reconstruction, code, self.valid, lam, self.band_mean)
 
 
 # ------------------------------------------------------------------------------ pure helpers
-
-
-def tile_starts(length: int, tile: int) -> list[int]:
-    return list(range(0, length, tile))
-
-
-@dataclass(frozen=True)
-class TileWindow:
-    """A core tile (written) inside a haloed window (read), in raster pixel coordinates."""
-
-    row: int
-    col: int
-    height: int
-    width: int
-    read_row: int
-    read_col: int
-    read_height: int
-    read_width: int
-
-    @property
-    def core_in_read(self) -> tuple[slice, slice]:
-        top, left = self.row - self.read_row, self.col - self.read_col
-        return slice(top, top + self.height), slice(left, left + self.width)
-
-
-def tile_windows(height: int, width: int, tile: int, halo: int = CODE_HALO) -> list[TileWindow]:
-    """Row-major tiles covering the raster; each read window adds ``halo`` clipped to the edge."""
-    windows = []
-    for row in tile_starts(height, tile):
-        for col in tile_starts(width, tile):
-            tile_height, tile_width = min(tile, height - row), min(tile, width - col)
-            read_row, read_col = max(row - halo, 0), max(col - halo, 0)
-            read_bottom = min(row + tile_height + halo, height)
-            read_right = min(col + tile_width + halo, width)
-            windows.append(TileWindow(row, col, tile_height, tile_width, read_row, read_col,
-                                      read_bottom - read_row, read_right - read_col))
-    return windows
 
 
 def crop_shape(height: int, width: int, training_pixels: int) -> tuple[int, int]:
@@ -201,6 +273,13 @@ def crop_shape(height: int, width: int, training_pixels: int) -> tuple[int, int]
     crop_width = min(width, training_pixels // crop_height)
     crop_height = min(height, training_pixels // crop_width)
     return crop_height, crop_width
+
+
+def valid_bounding_box(valid: np.ndarray) -> tuple[slice, slice]:
+    """Row and column slices of the smallest rectangle holding every valid pixel."""
+    rows = np.flatnonzero(valid.any(axis=1))
+    cols = np.flatnonzero(valid.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def band_ranges(cube: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,10 +298,31 @@ def scale_bands(cube: np.ndarray, valid: np.ndarray, band_min: np.ndarray,
     return scaled.astype(np.float32, copy=False)
 
 
-def nearest_centre(features: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre (squared Euclidean) of each row."""
-    distances = ((features[:, None, :].astype(np.float64) - centres[None, :, :]) ** 2).sum(-1)
-    return distances.argmin(axis=1)
+def nearest_centre(features: np.ndarray, centres: np.ndarray,
+                   chunk: int = 65536) -> np.ndarray:
+    """Index of the nearest centre (squared Euclidean, float64) of each row.
+
+    Row by row arithmetic (no matrix product, whose blocking depends on the number of rows), so
+    a pixel gets the same label whatever tile it is in; chunked so memory stays
+    O(chunk x channels) whatever k and the tile size.
+    """
+    centres = np.asarray(centres, dtype=np.float64)
+    nearest = np.empty(len(features), dtype=np.int64)
+    for start in range(0, len(features), chunk):
+        block = np.asarray(features[start:start + chunk], dtype=np.float64)
+        best = np.full(len(block), np.inf)
+        best_index = np.zeros(len(block), dtype=np.int64)
+        for index, centre in enumerate(centres):
+            difference = block - centre
+            distance = np.einsum("ij,ij->i", difference, difference)
+            closer = distance < best
+            best[closer], best_index[closer] = distance[closer], index
+        nearest[start:start + chunk] = best_index
+    return nearest
+
+
+def _state_copy(network: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in network.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------------ results
@@ -237,7 +337,6 @@ class MS2ANetResult:
     features: np.ndarray | None = None  # (H, W, 36) float32 when asked for
 
 
-WindowReader = Callable[[TileWindow], tuple[np.ndarray, np.ndarray]]
 
 
 # -------------------------------------------------------------------------------- estimator
@@ -247,7 +346,7 @@ class MS2ANet:
     """Fit on a cube, save/load as one file, predict tile by tile."""
 
     def __init__(self, n_clusters: int, lam: float = 0.1, iterations: int = 800,
-                 learning_rate: float = 1e-3, training_pixels: int = 262144, seed: int = 0,
+                 learning_rate: float = 1e-3, training_pixels: int = 65536, seed: int = 0,
                  device: str = "auto", inference_tile: int = 512):
         if n_clusters < 2:
             raise ValueError("MS2A-Net needs at least 2 clusters.")
@@ -271,6 +370,7 @@ class MS2ANet:
         self.band_min: np.ndarray | None = None
         self.band_max: np.ndarray | None = None
         self.band_numbers: list[int] = []
+        self.band_names: list[str] = []  # descriptions of the used bands, for a mismatch warning
         self.source_band_count = 0
         self.frozen_association: np.ndarray | None = None
 
@@ -297,7 +397,8 @@ class MS2ANet:
 
     def fit(self, cube: np.ndarray, valid: np.ndarray, monitor: Monitor | None = None,
             band_numbers: list[int] | None = None, source_band_count: int | None = None,
-            return_features: bool = False) -> MS2ANetResult:
+            return_features: bool = False,
+            band_names: list[str] | None = None) -> MS2ANetResult:
         """Train on ``cube`` (H, W, B) and cluster every valid pixel.
 
         ``band_numbers`` / ``source_band_count`` record which bands of which raster were used,
@@ -312,6 +413,7 @@ class MS2ANet:
         if len(self.band_numbers) != bands:
             raise ValueError(f"{len(self.band_numbers)} band numbers for a cube of {bands} bands.")
         self.source_band_count = int(source_band_count or max(self.band_numbers))
+        self.band_names = [str(name) for name in band_names] if band_names else []
         rng = seed_everything(self.seed)
         device = resolve_device(self.device)
         seconds: dict[str, float] = {}
@@ -320,45 +422,54 @@ class MS2ANet:
                      f"k = {self.n_clusters}, device {device}")
 
         self.band_min, self.band_max = band_ranges(cube, valid)
-        crop_height, crop_width = crop_shape(height, width, self.training_pixels)
-        if (crop_height, crop_width) != (height, width):
+        # Training sees the bounding box of the valid pixels only: outside it there is nothing
+        # to reconstruct, and inside it nodata is 0, as the convs' zero padding, so the code of
+        # every valid pixel is the same as with the whole frame (a scene that is 70 % nodata
+        # frame, like an EnMAP tile set, trains 2x faster). BN statistics see less nodata.
+        box = valid_bounding_box(valid)
+        train_cube, train_valid = cube[box], valid[box]
+        box_height, box_width = train_valid.shape
+        crop_height, crop_width = crop_shape(box_height, box_width, self.training_pixels)
+        if (crop_height, crop_width) != (box_height, box_width):
             monitor.info(f"Training on random {crop_height}x{crop_width} crops of the "
-                         f"{height}x{width} scene.")
+                         f"{box_height}x{box_width} valid area.")
 
-        def training_crop() -> tuple[torch.Tensor, torch.Tensor]:
+        def training_crop() -> TrainingImage:
             # Crops without valid pixels carry no loss: draw again (bounded attempts).
             for _ in range(100):
-                row = int(rng.integers(0, height - crop_height + 1))
-                col = int(rng.integers(0, width - crop_width + 1))
-                crop_valid = valid[row:row + crop_height, col:col + crop_width]
+                row = int(rng.integers(0, box_height - crop_height + 1))
+                col = int(rng.integers(0, box_width - crop_width + 1))
+                crop_valid = train_valid[row:row + crop_height, col:col + crop_width]
                 if crop_valid.any():
                     break
-            crop = cube[row:row + crop_height, col:col + crop_width]
+            crop = train_cube[row:row + crop_height, col:col + crop_width]
             scaled = scale_bands(crop, crop_valid, self.band_min, self.band_max)
-            image = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))[None]
-            return image.to(device), torch.from_numpy(crop_valid).to(device)
+            return TrainingImage.of(scaled, crop_valid, device)
 
         network = MS2ANetwork(bands).to(device)
         optimiser = torch.optim.Adam(network.parameters(), lr=self.learning_rate)
-        whole_scene = (crop_height, crop_width) == (height, width)
+        whole_scene = (crop_height, crop_width) == (box_height, box_width)
+        # The whole scene is one constant training image: its tensors, band softmax and band
+        # mean are computed once, not per iteration (they do not depend on the weights).
         fixed = training_crop() if whole_scene else None
         loss_history: list[float] = []
         best_loss, best_iteration = math.inf, 0
-        best_state = copy.deepcopy(network.state_dict())
+        best_state = _state_copy(network)
         train_monitor = monitor.stage(0.0, 0.85)
         network.train()
         for iteration in range(1, self.iterations + 1):
-            image, crop_valid = fixed if fixed is not None else training_crop()
-            reconstruction, code, _ = network(image, crop_valid)
-            loss = ms2anet_loss(image, reconstruction, code, crop_valid, self.lam)
-            optimiser.zero_grad()
+            sample = fixed if fixed is not None else training_crop()
+            loss = sample.step_loss(network, self.lam)
+            optimiser.zero_grad(set_to_none=True)
             loss.backward()
             value = float(loss.detach())
             loss_history.append(value)
             # The loss belongs to the weights before this step: keep those when it is lowest.
+            # (The reference saves after the step, i.e. one step later; the weights that
+            # produced the lowest loss are what "lowest-loss weights" means.)
             if value < best_loss:
                 best_loss, best_iteration = value, iteration
-                best_state = copy.deepcopy(network.state_dict())
+                best_state = _state_copy(network)
             optimiser.step()
             train_monitor.progress(iteration / self.iterations)
         network.load_state_dict(best_state)
@@ -397,15 +508,15 @@ class MS2ANet:
             norm.momentum = None  # cumulative average over the crops
         network.train()
         with torch.no_grad():
-            for image, crop_valid in crops:
-                network(image, crop_valid)
+            for crop in crops:
+                network(crop.image, pixel_softmax=crop.pixel_softmax)
         for norm in norms:
             norm.momentum = 0.1
         network.eval()
         with torch.no_grad():
-            image, crop_valid = crops[-1]
-            weights = network.association_weights(image)
-            association = spectral_association(image, weights, crop_valid)
+            crop = crops[-1]
+            association = association_from_softmax(crop.pixel_softmax,
+                                                   network.association_weights(crop.image))
         self.frozen_association = association.cpu().numpy().astype(np.float32)
 
     def _tile_codes(self, reader: WindowReader, height: int, width: int,
@@ -415,7 +526,7 @@ class MS2ANet:
             raise ValueError("The model is not trained: call fit() or load() first.")
         device = next(self.network.parameters()).device
         self.network.eval()
-        windows = tile_windows(height, width, self.inference_tile)
+        windows = tile_windows(height, width, self.inference_tile, CODE_HALO)
         for index, window in enumerate(windows):
             cube, window_valid = reader(window)
             scaled = scale_bands(cube, window_valid, self.band_min, self.band_max)
@@ -469,6 +580,7 @@ class MS2ANet:
             "band_min": torch.from_numpy(self.band_min),
             "band_max": torch.from_numpy(self.band_max),
             "band_numbers": list(self.band_numbers),
+            "band_names": list(self.band_names),
             "source_band_count": int(self.source_band_count),
             "n_bands": self.n_bands,
             "frozen_association": torch.from_numpy(self.frozen_association),
@@ -505,6 +617,7 @@ class MS2ANet:
             model.band_max = payload["band_max"].numpy().astype(np.float32)
             model.band_numbers = [int(b) for b in payload["band_numbers"]]
             model.source_band_count = int(payload["source_band_count"])
+            model.band_names = [str(name) for name in payload.get("band_names", [])]
             model.frozen_association = payload["frozen_association"].numpy()
         except (KeyError, TypeError, RuntimeError, AttributeError) as error:
             raise ValueError(f"'{path}' is not a complete MS2A-Net model file ({error}).") \
@@ -515,70 +628,7 @@ class MS2ANet:
         return model
 
 
-def read_model_file(path: str | os.PathLike) -> dict:
-    """The dict of an HSI Cluster model file; ValueError for a missing, corrupt or foreign file."""
-    if not Path(path).is_file():
-        raise ValueError(f"The model file '{path}' does not exist.")
-    try:
-        payload = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu",
-                             weights_only=True)
-    except Exception as error:  # torch raises many types for a file that is no torch pickle
-        raise ValueError(
-            f"'{path}' is not an HSI Cluster model file (it cannot be read: {error})."
-        ) from error
-    if not isinstance(payload, dict) or "algorithm" not in payload:
-        raise ValueError(f"'{path}' is not an HSI Cluster model file (no algorithm name).")
-    return payload
-
-
-# --------------------------------------------------------------------------- window readers
-
-
-def array_window_reader(cube: np.ndarray, valid: np.ndarray) -> WindowReader:
-    def read(window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
-        rows = slice(window.read_row, window.read_row + window.read_height)
-        cols = slice(window.read_col, window.read_col + window.read_width)
-        return cube[rows, cols], valid[rows, cols]
-
-    return read
-
-
-def raster_window_reader(dataset: rasterio.io.DatasetReader,
-                         band_numbers: list[int]) -> WindowReader:
-    """Windows of a raster with the same rules as ``raster_io.read_raster`` (nodata, NaN,
-    scales/offsets), so file-based inference sees the values training saw."""
-
-    def read(window: TileWindow) -> tuple[np.ndarray, np.ndarray]:
-        area = Window(window.read_col, window.read_row, window.read_width, window.read_height)
-        cube = np.empty((window.read_height, window.read_width, len(band_numbers)),
-                        dtype=np.float32)
-        valid = np.ones((window.read_height, window.read_width), dtype=bool)
-        for position, band in enumerate(band_numbers):
-            values = dataset.read(band, window=area).astype(np.float32, copy=False)
-            band_valid = np.isfinite(values)
-            nodata = dataset.nodatavals[band - 1]
-            if nodata is not None and np.isfinite(nodata):
-                band_valid &= values != np.float32(nodata)
-            scale = dataset.scales[band - 1] if dataset.scales else 1.0
-            offset = dataset.offsets[band - 1] if dataset.offsets else 0.0
-            if scale != 1.0 or offset != 0.0:
-                values = values * np.float32(scale) + np.float32(offset)
-            cube[..., position] = values
-            valid &= band_valid
-        cube[~valid] = 0.0
-        return cube, valid
-
-    return read
-
-
 # ------------------------------------------------------------------------------ inference
-
-
-@dataclass
-class PredictionSummary:
-    n_valid: int
-    cluster_sizes: list[int]
-    seconds: float
 
 
 def predict_raster(model: MS2ANet, in_path: str | os.PathLike,
@@ -593,10 +643,17 @@ def predict_raster(model: MS2ANet, in_path: str | os.PathLike,
     monitor = monitor or silent()
     started = time.perf_counter()
     grid = read_grid(in_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        dataset = rasterio.open(in_path)
-    with dataset:
+    # GDAL keeps every block it reads in its cache, up to 5 % of the RAM by default: on a large
+    # raster that cache, not the tiles, would set the peak memory. Bound it for this run (this
+    # is rasterio's own GDAL; QGIS's GDAL is not affected).
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        return _predict_raster(model, in_path, out_labels_path, out_features_path, monitor,
+                               grid, started)
+
+
+def _predict_raster(model: MS2ANet, in_path, out_labels_path, out_features_path,
+                    monitor: Monitor, grid, started: float) -> PredictionSummary:
+    with open_raster(in_path) as dataset:
         if dataset.count != model.source_band_count:
             raise ValueError(
                 f"The model expects a raster with {model.source_band_count} band(s) (it uses "
@@ -606,28 +663,28 @@ def predict_raster(model: MS2ANet, in_path: str | os.PathLike,
         if grid.height < 2 or grid.width < 2:
             raise ValueError(f"'{in_path}' is {grid.height}x{grid.width} pixels; MS2A-Net needs "
                              "at least 2x2 pixels.")
+        _warn_on_band_name_mismatch(model, dataset, in_path, monitor)
         reader = raster_window_reader(dataset, model.band_numbers)
         sizes = np.zeros(model.n_clusters + 1, dtype=np.int64)
         label_dtype = smallest_unsigned_dtype(model.n_clusters)
         with contextlib.ExitStack() as stack:
             label_temp = stack.enter_context(atomic_output(out_labels_path))
-            labels_out = stack.enter_context(_open_for_writing(
+            labels_out = stack.enter_context(open_for_writing(
                 label_temp, _profile(grid, 1, label_dtype, 0)))
             features_out = None
             if out_features_path:
                 features_temp = stack.enter_context(atomic_output(out_features_path))
-                features_out = stack.enter_context(_open_for_writing(
+                features_out = stack.enter_context(open_for_writing(
                     features_temp, _profile(grid, CODE_CHANNELS, "float32", FLOAT_NODATA)))
             for window, code, window_valid in model._tile_codes(reader, grid.height,
                                                                 grid.width, monitor):
                 labels = model._labels_of(code, window_valid)
                 sizes += np.bincount(labels.ravel(), minlength=model.n_clusters + 1)
-                area = Window(window.col, window.row, window.width, window.height)
-                labels_out.write(labels.astype(label_dtype), 1, window=area)
+                labels_out.write(labels.astype(label_dtype), 1, window=window.core_window)
                 if features_out is not None:
                     bands = code.transpose(2, 0, 1).copy()
                     bands[:, ~window_valid] = FLOAT_NODATA
-                    features_out.write(bands, window=area)
+                    features_out.write(bands, window=window.core_window)
             labels_out.set_band_description(1, "cluster")
             if features_out is not None:
                 for index in range(CODE_CHANNELS):
@@ -637,13 +694,28 @@ def predict_raster(model: MS2ANet, in_path: str | os.PathLike,
                              time.perf_counter() - started)
 
 
+def _warn_on_band_name_mismatch(model: MS2ANet, dataset, in_path, monitor: Monitor) -> None:
+    """Same band count, different band names: most likely another sensor or band order.
+
+    A warning, not an error: names also differ between products of one sensor (EnMAP band names
+    carry each scene's calibrated wavelengths), and many rasters have no names at all.
+    """
+    if len(model.band_names) != len(model.band_numbers):
+        return
+    differing = []
+    for band, trained_name in zip(model.band_numbers, model.band_names):
+        name = dataset.descriptions[band - 1]
+        if name and trained_name and name != trained_name and \
+                not trained_name.startswith("Band "):
+            differing.append(f"band {band}: '{name}' (model: '{trained_name}')")
+    if differing:
+        monitor.warn(
+            f"{len(differing)} band name(s) of '{in_path}' differ from the raster the model was "
+            f"trained on, e.g. {differing[0]}. Check that the raster has the same band layout."
+        )
+
+
 def _band_list(band_numbers: list[int]) -> str:
     if len(band_numbers) > 8:
         return f"{band_numbers[0]}..{band_numbers[-1]} ({len(band_numbers)} bands)"
     return ", ".join(str(b) for b in band_numbers)
-
-
-def _open_for_writing(path: Path, profile: dict):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path, "w", **profile)

@@ -618,10 +618,3 @@ class SCDSC:
         self._scene_pass(autoencoder, scene, store, monitor)
         return soft
 
-
-def apply_scdsc_model(model_path, raster_path, out_path, bands=None, monitor=None):
-    """Apply a saved SCDSC model to a raster: see :mod:`engine.scdsc_model` (imported lazily,
-    since that module builds on this one)."""
-    from engine.scdsc_model import apply_scdsc_model as apply
-
-    return apply(model_path, raster_path, out_path, bands, monitor)

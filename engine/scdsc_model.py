@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +31,8 @@ from engine.preprocessing import SpectralPreprocessing, pixels_to_image
 from engine.raster_io import _profile, atomic_output, read_grid, smallest_unsigned_dtype
 from engine.scdsc import ENCODER_HALO, SCDSC, PatchAutoencoder, SubspaceBases
 from engine.windowed_io import (
+    GDAL_CACHE_BYTES,
+    PredictionSummary,
     missing_halo,
     open_for_writing,
     open_raster,
@@ -140,13 +143,6 @@ def assign_window(model: SCDSCModel, cube: np.ndarray, valid: np.ndarray,
     return model.estimator._assign(model.bases, features)[0].cpu().numpy()
 
 
-@dataclass
-class PredictionSummary:
-    n_valid: int
-    cluster_sizes: list[int]
-    seconds: float
-
-
 def apply_scdsc_model(model_path: str | os.PathLike, raster_path: str | os.PathLike,
                       out_path: str | os.PathLike, bands: list[int] | None = None,
                       monitor: Monitor | None = None, device: str = "cpu") -> PredictionSummary:
@@ -155,8 +151,14 @@ def apply_scdsc_model(model_path: str | os.PathLike, raster_path: str | os.PathL
     monitor = monitor or silent()
     started = time.perf_counter()
     model = load_scdsc_model(model_path, device=device)
-    band_numbers = list(bands) if bands else model.band_numbers
     grid = read_grid(raster_path)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        return _apply(model, raster_path, out_path, bands, grid, monitor, started)
+
+
+def _apply(model: SCDSCModel, raster_path, out_path, bands, grid, monitor: Monitor,
+           started: float) -> PredictionSummary:
+    band_numbers = list(bands) if bands else model.band_numbers
     halo = model.halo
     with open_raster(raster_path) as dataset:
         if not bands and dataset.count != model.source_band_count:

@@ -19,6 +19,11 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+# GDAL keeps every block it reads in its cache, up to 5 % of the RAM by default: on a large raster
+# that cache, not the tiles, would set the peak memory. Windowed inference bounds it to this
+# (rasterio's own GDAL; QGIS's GDAL is not affected).
+GDAL_CACHE_BYTES = 64 * 2**20
+
 
 def tile_starts(length: int, tile: int) -> list[int]:
     return list(range(0, length, tile))
@@ -72,6 +77,15 @@ def missing_halo(window: TileWindow, halo: int) -> tuple[int, int, int, int]:
     bottom = halo - (window.read_row + window.read_height - window.row - window.height)
     right = halo - (window.read_col + window.read_width - window.col - window.width)
     return left, right, top, bottom
+
+
+@dataclass
+class PredictionSummary:
+    """What applying a model to a raster file produced."""
+
+    n_valid: int
+    cluster_sizes: list[int]
+    seconds: float
 
 
 WindowReader = Callable[[TileWindow], tuple[np.ndarray, np.ndarray]]

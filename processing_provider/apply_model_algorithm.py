@@ -4,25 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import rasterio
 from qgis.core import QgsProcessingParameterEnum, QgsProcessingParameterFile
 
 from engine.device import DEVICE_CHOICES
+from engine.model_file import read_model_file
 from engine.ms2anet import ALGORITHM_NAME as MS2ANET
-from engine.ms2anet import MS2ANet, predict_raster, read_model_file
+from engine.ms2anet import MS2ANet, predict_raster
+from engine.scdsc_model import ALGORITHM_NAME as SCDSC
+from engine.scdsc_model import apply_scdsc_model
 from processing_provider import outputs
 from processing_provider.base import HSIAlgorithm, OutputFiles
 
 HELP = """
-<p>Applies a clustering model saved by <i>MS2A-Net clustering</i> (its <i>Model file</i> output)
-to a raster: every valid pixel gets the cluster of its nearest k-means centre in the model's
-learned feature space, so clusters keep their numbers from raster to raster. The raster must
-have the band layout the model was trained on (same band count; the model's band selection is
-used).</p>
-<p>The raster is read and written tile by tile, so memory use does not grow with its size, and
-the result equals clustering it in one piece. Nodata pixels are written as 0; the output has a
-paletted style.</p>
-<p>Only MS2A-Net models are supported for now. SCDSC cannot save a model yet; any other file
-gives an error that says what it is.</p>
+<p>Applies a clustering model saved by <i>MS2A-Net clustering</i> or <i>SCDSC clustering</i>
+(their <i>Model file</i> output) to a raster: every valid pixel gets the cluster of the model,
+so clusters keep their numbers from raster to raster (for example: train on a crop, map the
+whole scene). The raster must have the band layout the model was trained on (same band count;
+the model's band selection is used): another band count gives an error, band names that differ
+from the training raster's a warning.</p>
+<p>MS2A-Net models: the raster is read and written tile by tile with an 8-pixel overlap, so
+memory use does not grow with its size and the result equals clustering it in one piece.
+SCDSC models: the same, with a 5-pixel overlap (the 7x7 latent window and the encoder's two
+3x3 convolutions), reflected at the raster edge as in training, so applying a model to the
+raster it was trained on gives that run's labels. Nodata pixels are written as 0; the output has
+a paletted style.</p>
+<p>The kind of model is read from the file; a file that is no HSI Cluster model, or is damaged,
+gives an error that says so.</p>
 """
 
 
@@ -50,20 +59,49 @@ class ApplyModelAlgorithm(HSIAlgorithm):
         label_path = self.output_path(parameters, self.OUTPUT, context)
         outputs.check_writable(label_path)
         model_path = self.parameterAsFile(parameters, self.MODEL, context)
-        algorithm = read_model_file(model_path).get("algorithm")
-        if algorithm != MS2ANET:
-            raise ValueError(
-                f"'{model_path}' is a model of the '{algorithm}' algorithm; only MS2A-Net "
-                "models can be applied for now."
-            )
-        model = MS2ANet.load(model_path, device=self.device(parameters, context))
+        header = read_model_file(model_path)
+        kind = header["algorithm"]
         source_path = self.input_raster_path(parameters, context)
-        written.add(label_path)
-        summary = predict_raster(model, source_path, label_path, monitor=monitor.stage(0.0, 0.97))
-        outputs.paletted_style(label_path, model.n_clusters)
-        feedback.pushInfo(
-            f"{summary.n_valid} valid pixels clustered in {summary.seconds:.1f} s; cluster "
-            "sizes " + ", ".join(str(size) for size in summary.cluster_sizes)
-        )
+        if kind == MS2ANET:
+            model = MS2ANet.load(model_path, device=self.device(parameters, context))
+            written.add(label_path)
+            summary = predict_raster(model, source_path, label_path,
+                                     monitor=monitor.stage(0.0, 0.97))
+            n_clusters = model.n_clusters
+            feedback.pushInfo(
+                f"{summary.n_valid} valid pixels clustered in {summary.seconds:.1f} s; cluster "
+                "sizes " + ", ".join(str(size) for size in summary.cluster_sizes)
+            )
+        elif kind == SCDSC:
+            written.add(label_path)
+            # bands=None: the model's own band selection.
+            summary = apply_scdsc_model(model_path, source_path, label_path, None,
+                                        monitor.stage(0.0, 0.97),
+                                        device=self.device(parameters, context))
+            n_clusters = _n_clusters(header, label_path)
+            feedback.pushInfo(
+                f"{summary.n_valid} valid pixels clustered in {summary.seconds:.1f} s; cluster "
+                "sizes " + ", ".join(str(size) for size in summary.cluster_sizes)
+            )
+        else:
+            raise ValueError(
+                f"'{model_path}' is a model of the '{kind}' algorithm; Apply clustering model "
+                "applies MS2A-Net and SCDSC models."
+            )
+        monitor.check()
+        outputs.paletted_style(label_path, n_clusters)
         monitor.progress(1.0)
         return {self.OUTPUT: label_path}
+
+
+def _n_clusters(header: dict, label_path: str) -> int:
+    """k from the model header when it says, else the largest label (read block by block)."""
+    for holder in (header, header.get("settings") or {}):
+        value = holder.get("n_clusters") if isinstance(holder, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    largest = 0
+    with rasterio.open(label_path) as dataset:
+        for _, window in dataset.block_windows(1):
+            largest = max(largest, int(np.max(dataset.read(1, window=window))))
+    return max(largest, 1)

@@ -21,8 +21,10 @@ out of training and k-means and written as 0. The cluster raster has the input's
 values 1..k and a paletted style.</p>
 <p><b>Parameters.</b> <i>lambda</i> weighs the spectral-mean constraint (0.1 in the paper).
 <i>Iterations</i>: Adam steps (800 in the paper); the weights with the lowest loss are kept.
-<i>Training sample size</i>: a scene with at most this many pixels trains in one piece, as in
-the paper; a larger scene trains on one random crop of about this many pixels per iteration.
+<i>Training sample size</i> (pixels, default 65,536 = 256 x 256): a scene with at most this
+many pixels trains in one piece, as in the paper; a larger scene trains on one random crop
+(area) of about this many pixels per iteration, so training time and memory stay bounded
+whatever the scene size (a larger sample: slower, closer to the paper).
 The cluster raster is computed tile by tile with an 8-pixel halo, so tiling does not change it.
 </p>
 <p><b>Outputs.</b> Optionally the 36-band code (the clustering features) and a model file
@@ -55,7 +57,7 @@ class MS2ANetClusteringAlgorithm(HSIAlgorithm):
         self.add_double(self.LAMBDA, "lambda: weight of the spectral-mean constraint", 0.1, 0.0)
         self.add_integer(self.ITERATIONS, "Training iterations", 800, 1, 100_000)
         self.add_double(self.LEARNING_RATE, "Learning rate", 1e-3, 1e-7, 1.0, advanced=True)
-        self.add_integer(self.TRAINING_PIXELS, "Training sample size (pixels)", 262144, 64,
+        self.add_integer(self.TRAINING_PIXELS, "Training sample size (pixels)", 65536, 64,
                          advanced=True)
         self.add_seed_and_device()
         self.add_raster_output(self.OUTPUT, "Clusters")
@@ -93,7 +95,8 @@ class MS2ANetClusteringAlgorithm(HSIAlgorithm):
         result = model.fit(raster.cube, raster.valid, monitor.stage(0.02, 0.95),
                            band_numbers=raster.band_numbers,
                            source_band_count=source_band_count,
-                           return_features=bool(features_path))
+                           return_features=bool(features_path),
+                           band_names=raster.band_names)
         feedback.pushInfo(
             f"Kept the weights of iteration {result.chosen_iteration} (lowest loss "
             f"{min(result.loss_history):.5f}); "

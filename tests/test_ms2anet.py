@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -26,9 +27,12 @@ from engine.ms2anet import (
     association_feature_maps,
     band_ranges,
     crop_shape,
+    dilated_conv,
+    nearest_centre,
     predict_raster,
     spectral_association,
     tile_windows,
+    valid_bounding_box,
 )
 from engine.raster_io import read_labels
 
@@ -37,6 +41,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 K = 3
 FAST_ITERATIONS = 40
+CANCEL_LATENCY_S = 5.0
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -82,7 +87,7 @@ def odd_fit():
 def test_tile_windows_cover_each_pixel_once_with_clipped_halo() -> None:
     height, width, tile = 23, 30, 8
     count = np.zeros((height, width), dtype=int)
-    for window in tile_windows(height, width, tile):
+    for window in tile_windows(height, width, tile, CODE_HALO):
         count[window.row:window.row + window.height, window.col:window.col + window.width] += 1
         assert window.read_row == max(window.row - CODE_HALO, 0)
         assert window.read_row + window.read_height == min(window.row + window.height
@@ -97,6 +102,13 @@ def test_crop_shape() -> None:
     assert crop_shape(1000, 1000, 262144) == (512, 512)
     height, width = crop_shape(3, 100_000, 1000)
     assert height == 3 and height * width <= 1000
+
+
+def test_valid_bounding_box() -> None:
+    valid = np.zeros((9, 12), dtype=bool)
+    valid[2, 5] = valid[6, 3] = valid[4, 10] = True
+    assert valid_bounding_box(valid) == (slice(2, 7), slice(3, 11))
+    assert valid[valid_bounding_box(valid)].sum() == 3
 
 
 def test_min_max_ranges_ignore_nodata() -> None:
@@ -127,6 +139,25 @@ def test_spectral_association_is_the_formula() -> None:
     features = association_feature_maps(torch.from_numpy(image), association)
     np.testing.assert_allclose(features[0, :, 1, 2].numpy(),
                                image[0, :, 1, 2] @ association.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (13, 10), (3, 7)])
+def test_space_to_batch_dilated_conv_equals_the_dilated_conv(size) -> None:
+    torch.manual_seed(0)
+    image = torch.rand(1, 5, *size)
+    for dilation in (1, 2, 4):
+        conv = torch.nn.Conv2d(5, 12, 5, dilation=dilation, padding=2 * dilation)
+        np.testing.assert_allclose(dilated_conv(conv, image).detach().numpy(),
+                                   conv(image).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_nearest_centre_is_the_argmin_and_chunk_free() -> None:
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(1000, 6)).astype(np.float32)
+    centres = rng.normal(size=(4, 6)).astype(np.float32)
+    brute = ((features[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(nearest_centre(features, centres), brute)
+    np.testing.assert_array_equal(nearest_centre(features, centres, chunk=7), brute)
 
 
 def test_network_keeps_odd_sizes() -> None:
@@ -194,6 +225,27 @@ def test_band_count_mismatch(odd_fit, tmp_path) -> None:
     with pytest.raises(ValueError, match="expects a raster with 8 band.*has 5"):
         predict_raster(model, raster, tmp_path / "out.tif")
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_band_name_mismatch_warns(odd_fit, tmp_path) -> None:
+    model, _, cube, valid, _ = odd_fit
+    raster = _write_cube(tmp_path / "named.tif", cube, valid)
+    names = [f"{400 + 10 * band} nm" for band in range(1, cube.shape[2] + 1)]
+    with rasterio.open(raster, "r+") as dataset:
+        for band, name in enumerate(names, start=1):
+            dataset.set_band_description(band, name)
+    model.band_names = names
+    model.save(tmp_path / "named.pt")
+    loaded = MS2ANet.load(tmp_path / "named.pt")
+    assert loaded.band_names == names
+    same = Monitor()
+    predict_raster(loaded, raster, tmp_path / "same.tif", monitor=same)
+    assert same.warnings == []
+    loaded.band_names = names[:3] + ["NIR"] + names[4:]
+    other = Monitor()
+    predict_raster(loaded, raster, tmp_path / "other.tif", monitor=other)
+    assert len(other.warnings) == 1 and "band 4: '440 nm' (model: 'NIR')" in other.warnings[0]
+    model.band_names = []
 
 
 def test_raster_smaller_than_receptive_field_works(tmp_path) -> None:
@@ -304,16 +356,155 @@ def test_processing_apply_model_reproduces_labels(processing_run, scene, tmp_pat
     np.testing.assert_array_equal(applied, original)
 
 
-def test_processing_apply_model_rejects_foreign_model(scene, qgis_app, tmp_path) -> None:
+def _expect_processing_error(algorithm_id: str, parameters: dict, message: str,
+                             output: Path) -> None:
     from qgis.core import QgsProcessingException
 
-    foreign = tmp_path / "scdsc.pt"
-    torch.save({"algorithm": "scdsc", "format_version": 1}, foreign)
-    with pytest.raises(QgsProcessingException, match="only MS2A-Net models"):
-        _run_in_process("hsicluster:applymodel", {
-            "INPUT": str(scene.cube_path), "MODEL": str(foreign),
-            "OUTPUT": str(tmp_path / "applied.tif")})
-    assert not (tmp_path / "applied.tif").exists()
+    with pytest.raises(QgsProcessingException, match=message):
+        _run_in_process(algorithm_id, parameters)
+    _assert_no_output(output)
+
+
+def _assert_no_output(output: Path) -> None:
+    """Neither the output, its style, nor a temporary ``.<stem>-*`` file of atomic_output."""
+    leftovers = [p.name for p in output.parent.glob(f".{output.stem}-*")] \
+        if output.parent.is_dir() else []
+    assert not output.exists(), f"{output} was left behind"
+    assert not output.with_suffix(".qml").exists(), "a style was left behind"
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+def test_processing_apply_model_rejects_foreign_and_corrupt_models(scene, qgis_app,
+                                                                   tmp_path) -> None:
+    output = tmp_path / "applied.tif"
+    foreign = tmp_path / "graph.pt"
+    torch.save({"algorithm": "graphlabel", "format_version": 1}, foreign)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02 truncated pickle, not a model")
+    no_header = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, no_header)
+    cases = [(foreign, "'graphlabel' algorithm"), (corrupt, "not an HSI Cluster model"),
+             (no_header, "not an HSI Cluster model"), (tmp_path / "missing.pt", "does not exist")]
+    for model, message in cases:
+        _expect_processing_error("hsicluster:applymodel", {
+            "INPUT": str(scene.cube_path), "MODEL": str(model), "OUTPUT": str(output)},
+            message, output)
+
+
+def test_processing_apply_model_dispatches_scdsc_models(scene, qgis_app, tmp_path) -> None:
+    """An SCDSC model goes to SCDSC's own loader, which rejects this header-only file."""
+    output = tmp_path / "applied.tif"
+    model = tmp_path / "scdsc.pt"
+    torch.save({"algorithm": "scdsc", "format_version": 1}, model)
+    _expect_processing_error("hsicluster:applymodel", {
+        "INPUT": str(scene.cube_path), "MODEL": str(model), "OUTPUT": str(output)},
+        "not a complete SCDSC model file", output)
+
+
+def test_processing_apply_model_band_count_mismatch(processing_run, scene, tmp_path) -> None:
+    with rasterio.open(scene.cube_path) as dataset:
+        cube = dataset.read()[:-2].transpose(1, 2, 0).astype(np.float32)
+    fewer = _write_cube(tmp_path / "fewer.tif", cube, np.ones(cube.shape[:2], dtype=bool))
+    output = tmp_path / "applied.tif"
+    _expect_processing_error("hsicluster:applymodel", {
+        "INPUT": str(fewer), "MODEL": str(processing_run["folder"] / "model.pt"),
+        "OUTPUT": str(output)}, r"expects a raster with 12 band\(s\).*has 10", output)
+
+
+def test_processing_unwritable_outputs(scene, qgis_app, tmp_path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    missing = tmp_path / "no_such_folder" / "clusters.tif"
+    inside_file = blocker / "clusters.tif"
+    for output in (missing, inside_file):
+        _expect_processing_error("hsicluster:ms2anet", {
+            "INPUT": str(scene.cube_path), "OUTPUT": str(output), **PROCESSING_PARAMETERS},
+            "does not exist", output)
+    good = tmp_path / "clusters.tif"
+    _expect_processing_error("hsicluster:ms2anet", {
+        "INPUT": str(scene.cube_path), "OUTPUT": str(good),
+        "OUTPUT_MODEL": str(missing.with_suffix(".pt")), **PROCESSING_PARAMETERS},
+        "does not exist", good)
+
+
+def _cancelling_feedback(at_percent: float):
+    from qgis.core import QgsProcessingFeedback
+
+    class CancellingFeedback(QgsProcessingFeedback):
+        """Cancels once progress passes ``at_percent``; records when."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.cancelled_at: float | None = None
+            self.progressChanged.connect(self._on_progress)
+
+        def _on_progress(self, value: float) -> None:
+            if value >= at_percent and self.cancelled_at is None:
+                self.cancelled_at = time.monotonic()
+                self.cancel()
+
+    return CancellingFeedback()
+
+
+def test_processing_cancel_leaves_no_output(scene, qgis_app, tmp_path) -> None:
+    import processing
+    from qgis.core import QgsProcessingException
+
+    outputs = {"OUTPUT": tmp_path / "clusters.tif", "OUTPUT_FEATURES": tmp_path / "code.tif",
+               "OUTPUT_MODEL": tmp_path / "model.pt"}
+    # 5 % lands in training (reading is 0-2 %): without the cancel, 5000 iterations take
+    # about half a minute.
+    feedback = _cancelling_feedback(5.0)
+    with pytest.raises(QgsProcessingException, match="cancelled"):
+        processing.run("hsicluster:ms2anet", {
+            "INPUT": str(scene.cube_path), **{k: str(v) for k, v in outputs.items()},
+            **PROCESSING_PARAMETERS, "ITERATIONS": 5000}, feedback=feedback)
+    assert feedback.cancelled_at is not None
+    assert time.monotonic() - feedback.cancelled_at < CANCEL_LATENCY_S
+    for output in outputs.values():
+        _assert_no_output(output)
+
+
+def test_processing_apply_model_cancel_leaves_no_output(processing_run, scene, qgis_app,
+                                                        tmp_path) -> None:
+    import processing
+    from qgis.core import QgsProcessingException
+
+    output = tmp_path / "applied.tif"
+    feedback = _cancelling_feedback(1.0)
+    with pytest.raises(QgsProcessingException, match="cancelled"):
+        processing.run("hsicluster:applymodel", {
+            "INPUT": str(scene.cube_path), "MODEL": str(processing_run["folder"] / "model.pt"),
+            "OUTPUT": str(output)}, feedback=feedback)
+    assert feedback.cancelled_at is not None
+    _assert_no_output(output)
+
+
+def test_processing_odd_raster_smaller_than_receptive_field(qgis_app, tmp_path) -> None:
+    # 7 x 9 pixels: odd on both axes and smaller than the 17 x 17 receptive field of M'.
+    cube, valid, _ = _blocks_cube(7, 9, bands=4)
+    raster = _write_cube(tmp_path / "tiny.tif", cube, valid)
+    results = _run_in_process("hsicluster:ms2anet", {
+        "INPUT": str(raster), "OUTPUT": str(tmp_path / "tiny_clusters.tif"),
+        "OUTPUT_MODEL": str(tmp_path / "tiny.pt"), "N_CLUSTERS": 2, "ITERATIONS": 5,
+        "SEED": 0, "DEVICE": 1})
+    labels, _ = read_labels(results["OUTPUT"])
+    assert labels.shape == (7, 9)
+    np.testing.assert_array_equal(labels == 0, ~valid)
+    assert set(np.unique(labels[valid])) <= {1, 2}
+    applied = _run_in_process("hsicluster:applymodel", {
+        "INPUT": str(raster), "MODEL": str(tmp_path / "tiny.pt"),
+        "OUTPUT": str(tmp_path / "tiny_applied.tif")})
+    np.testing.assert_array_equal(read_labels(applied["OUTPUT"])[0], labels)
+
+
+def test_processing_same_seed_same_result(processing_run, scene, tmp_path) -> None:
+    results = _run_in_process("hsicluster:ms2anet", {
+        "INPUT": str(scene.cube_path), "OUTPUT": str(tmp_path / "again.tif"),
+        **PROCESSING_PARAMETERS})
+    again, _ = read_labels(results["OUTPUT"])
+    first, _ = read_labels(processing_run["folder"] / "clusters.tif")
+    np.testing.assert_array_equal(again, first)
 
 
 def test_qgis_process_apply_model(processing_run, scene, run_qgis_process, tmp_path) -> None:

@@ -214,7 +214,8 @@ def full_run(scene: DemoScene, processing_module, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("full_run")
     parameters = _params(scene.cube_path, folder / "clusters.tif",
                          OUTPUT_SOFT=str(folder / "soft.tif"),
-                         OUTPUT_POLYGONS=str(folder / "polygons.gpkg"))
+                         OUTPUT_POLYGONS=str(folder / "polygons.gpkg"),
+                         OUTPUT_MODEL=str(folder / "model.pt"))
     feedback = _feedback_class()()
     results = _run(processing_module, parameters, feedback)
     return {"parameters": parameters, "results": results, "feedback": feedback}
@@ -260,11 +261,29 @@ def test_in_process_soft_and_polygon_outputs(scene: DemoScene, full_run: dict) -
     assert area == pytest.approx(100.0 * int((~invalid).sum()))
 
 
+def test_saved_model_applied_to_the_scene_gives_its_labels(scene: DemoScene, full_run: dict,
+                                                         processing_module,
+                                                         tmp_out: Path) -> None:
+    """SCDSC's model file through "Apply clustering model": same clusters, same grid."""
+    model_path = Path(full_run["results"]["OUTPUT_MODEL"])
+    assert model_path.is_file()
+    trained, info = _read_single_band(Path(full_run["parameters"]["OUTPUT"]))
+    results = processing_module.run("hsicluster:applymodel", {
+        "INPUT": str(scene.cube_path), "MODEL": str(model_path),
+        "OUTPUT": str(tmp_out / "applied.tif")})
+    applied, applied_info = _read_single_band(Path(results["OUTPUT"]))
+    assert applied_info["transform"] == info["transform"]
+    assert applied_info["crs"] == info["crs"]
+    assert float((applied == trained).mean()) > 0.999
+    assert Path(str(results["OUTPUT"])).with_suffix(".qml").is_file()
+
+
 def test_same_seed_same_labels(full_run: dict, processing_module, tmp_out: Path) -> None:
     first, _ = _read_single_band(Path(full_run["parameters"]["OUTPUT"]))
     parameters = dict(full_run["parameters"], OUTPUT=str(tmp_out / "again.tif"))
     parameters.pop("OUTPUT_SOFT")
     parameters.pop("OUTPUT_POLYGONS")
+    parameters.pop("OUTPUT_MODEL")
     _run(processing_module, parameters)
     second, _ = _read_single_band(tmp_out / "again.tif")
     np.testing.assert_array_equal(first, second)
