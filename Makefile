@@ -28,7 +28,8 @@ INSTALL_ARGS ?=
 # Qt (QGIS) never needs a display here.
 export QT_QPA_PLATFORM := offscreen
 
-.PHONY: help setup system-deps test install package demo bench lint clean distclean
+.PHONY: help setup system-deps test install package demo bench bench-clustering \
+        bench-memory bench-graph bench-dock lint clean distclean
 
 help:
 	@echo "make demo       install everything, install the plugin, run scripts/demo.py"
@@ -37,7 +38,8 @@ help:
 	@echo "make install    install the plugin into \$$HOME's default QGIS profile"
 	@echo "                (INSTALL_ARGS='--link' to symlink, '--home DIR' for another HOME)"
 	@echo "make package    build dist/hsi_cluster.zip (Install from ZIP in QGIS)"
-	@echo "make bench      run the benchmarks (BENCH_ARGS='...')"
+	@echo "make bench      run every benchmark (bench-clustering BENCH_ARGS='...', bench-memory,"
+	@echo "                bench-graph, bench-dock); results in bench/results.jsonl, RESULTS.md"
 	@echo "make lint       ruff check"
 	@echo "make clean      remove build/test outputs; 'make distclean' also removes .venv"
 
@@ -81,8 +83,23 @@ package:
 demo: setup install
 	QT_QPA_PLATFORM=offscreen $(PY) scripts/demo.py $(DEMO_ARGS)
 
-bench: setup
+# Every benchmark appends to bench/results.jsonl; bench/RESULTS.md summarises them all.
+bench: bench-clustering bench-memory bench-graph bench-dock
+	$(PY) -m bench.run_all --report-only > /dev/null
+
+bench-clustering: setup
 	$(PY) -m bench.run_all $(BENCH_ARGS)
+
+bench-memory: setup
+	$(PY) -m bench.ms2anet_memory
+
+bench-graph: setup
+	$(PY) -m bench.graph_pipeline
+	$(PY) -m bench.chip_matching
+	$(PY) -m bench.graph_quality
+
+bench-dock: setup
+	$(PY) -m bench.dock_bench
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -13,8 +13,8 @@ Measures (median of ``--repeats`` where repeated):
   edit command, main thread) and undoing it.
 Targets: brush 10k -> selection < 200 ms; initial plot of 100k < 2 s.
 
-The JSON line goes to bench/dock_results.jsonl (not results.jsonl: run_all.write_report expects
-every line there to be a clustering run with scene/method/OA) and is printed.
+The JSON line is appended to bench/results.jsonl (bench/RESULTS.md lists it under "Other
+benchmarks") and printed.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--brush", type=int, default=10_000, help="points under the brush")
     parser.add_argument("--workdir", default=str(HERE / "out" / "dock"))
-    parser.add_argument("--jsonl", default=str(HERE / "dock_results.jsonl"))
+    parser.add_argument("--jsonl", default=str(HERE / "results.jsonl"))
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir)

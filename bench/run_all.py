@@ -102,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-crop", action="store_true", help="skip the linear-scaling crop")
     parser.add_argument("--settings", default="{}", help="JSON passed to the estimators")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite RESULTS.md from results.jsonl")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_report(Path(args.output))
+        return 0
     if not DATA.is_dir():
         print(f"no benchmark data at {DATA}; nothing to do")
         return 0
