@@ -256,11 +256,17 @@ def _write_segments(dataset, spatial_reference, result: GraphLabellingResult,
         feature.SetField("area", float(area(geometry)) if not geometry.IsEmpty() else 0.0)
         feature.SetGeometry(geometry)
         _add(layer, feature)
-        if (segment + 1) % ROWS_PER_TRANSACTION == 0:
-            layer.CommitTransaction()
-            monitor.progress((segment + 1) / result.n_segments)
-            layer.StartTransaction()
+        _commit_in_batches(layer, segment + 1, result.n_segments, monitor)
     layer.CommitTransaction()
+
+
+def _commit_in_batches(layer, rows_written: int, total: int, monitor: Monitor) -> None:
+    """Commit every ROWS_PER_TRANSACTION rows (one huge transaction is slow and memory hungry),
+    reporting progress and honouring a cancel between batches."""
+    if rows_written % ROWS_PER_TRANSACTION == 0:
+        layer.CommitTransaction()
+        monitor.progress(rows_written / total)
+        layer.StartTransaction()
 
 
 def _write_chips(dataset, spatial_reference, result: GraphLabellingResult,
@@ -305,10 +311,7 @@ def _write_embeddings(dataset, result: GraphLabellingResult, monitor: Monitor) -
         for index, value in enumerate(rows[segment], start=1):
             feature.SetField(index, value)
         _add(layer, feature)
-        if (segment + 1) % ROWS_PER_TRANSACTION == 0:
-            layer.CommitTransaction()
-            monitor.progress((segment + 1) / result.n_segments)
-            layer.StartTransaction()
+        _commit_in_batches(layer, segment + 1, result.n_segments, monitor)
     layer.CommitTransaction()
 
 
