@@ -22,6 +22,9 @@ of a 441-chip tile (20 minutes on an RTX 3090). Here:
   chip_matching.py measures the recall).
   ``n_candidates=None`` runs the exact matching on all pairs.
 
+The assignments run on one thread per core: scipy's ``linear_sum_assignment`` releases the GIL,
+so threads share the work without copying the embeddings into other processes.
+
 Chips with different segment counts are matched rectangularly: every segment of the smaller chip
 gets a distinct partner in the larger one, and the similarity is the mean over those
 ``min(n_a, n_b)`` matched pairs (the unmatched surplus segments of the larger chip do not count).
@@ -33,6 +36,9 @@ Padding is id -1 with similarity NaN. Zero embedding vectors have cosine 0 with 
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -172,6 +178,32 @@ def _top(similarity: dict[int, float], n_neighbours: int) -> tuple[np.ndarray, n
     return ids[order], values[order]
 
 
+def _pair_groups(present_ids: np.ndarray, partners: list[np.ndarray],
+                 group_size: int) -> list[tuple[int, np.ndarray]]:
+    """(chip, partner chips) work items: every unordered pair once, at most ``group_size``
+    partners per item (one matrix product each, so memory stays bounded)."""
+    seen: set[tuple[int, int]] = set()
+    groups: list[tuple[int, np.ndarray]] = []
+    for a in present_ids:
+        todo = []
+        for b in partners[int(a)]:
+            pair = (min(int(a), int(b)), max(int(a), int(b)))
+            if pair not in seen:
+                seen.add(pair)
+                todo.append(int(b))
+        for start in range(0, len(todo), group_size):
+            groups.append((int(a), np.asarray(todo[start:start + group_size], dtype=np.int64)))
+    return groups
+
+
+def default_workers() -> int:
+    """Threads for the matching: one per usable core (scipy's assignment releases the GIL)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def nearest_chips(
     segment_embedding: np.ndarray,
     segment_chip: np.ndarray,
@@ -179,6 +211,7 @@ def nearest_chips(
     n_neighbours: int = 15,
     n_candidates: int | None = None,
     monitor: Monitor | None = None,
+    n_workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each chip's most similar chips by Hungarian-matched segment embeddings.
 
@@ -190,6 +223,9 @@ def nearest_chips(
     only on that many candidates per chip, ranked by a sliced-Wasserstein proxy (module doc);
     the pairs are solved once for both chips, so a chip may also receive exact values from
     chips that listed it. ``n_candidates >= n_chips - 1`` is the exact search.
+
+    The pairs are solved on ``n_workers`` threads (default: one per core). Each pair's value
+    does not depend on the order of work, so the result is the same for any number of workers.
     """
     monitor = monitor or silent()
     embedding, chip_of = _check_inputs(segment_embedding, segment_chip, n_chips, n_neighbours,
@@ -203,44 +239,59 @@ def nearest_chips(
     present_ids = np.flatnonzero(present)
     exact: list[dict[int, float]] = [{} for _ in range(n_chips)]
 
-    def solve(a: int, b: int, cosine: np.ndarray) -> None:
-        value = matched_mean(cosine)
-        exact[a][b] = value
-        exact[b][a] = value
-
     if n_candidates is None or n_candidates >= present_ids.size - 1:
-        total = present_ids.size * (present_ids.size - 1) // 2
-        done = 0
+        partners = [np.empty(0, dtype=np.int64)] * n_chips
         for index, a in enumerate(present_ids):
-            others = present_ids[index + 1:]
-            # One product per group of chips (bounded memory), then one assignment per pair.
-            for group_start in range(0, others.size, PAIR_GROUP):
-                group = others[group_start:group_start + PAIR_GROUP]
-                first = chips.starts[group[0]]
-                block = chips.of(a) @ chips.vectors[first:chips.starts[group[-1] + 1]].T
-                for b in group:
-                    monitor.check()
-                    lo = chips.starts[b] - first
-                    solve(a, int(b), block[:, lo:lo + chips.counts[b]])
-            done += others.size
-            monitor.progress(done / max(total, 1))
+            partners[int(a)] = present_ids[index + 1:]
+        start = 0.0
     else:
-        candidates = _proxy_candidates(chips, present, n_candidates)
-        monitor.progress(0.02)
-        for index, a in enumerate(present_ids):
-            todo = np.array([b for b in candidates[a] if int(b) not in exact[a]], dtype=np.int64)
-            if todo.size:
-                # One product for all of this chip's new pairs, then one assignment per pair.
-                block = chips.of(a) @ np.concatenate([chips.of(b) for b in todo]).T
-                bounds = np.concatenate([[0], np.cumsum(chips.counts[todo])])
-                for position, b in enumerate(todo):
-                    monitor.check()
-                    solve(a, int(b), block[:, bounds[position]:bounds[position + 1]])
-            monitor.progress(0.02 + 0.98 * (index + 1) / present_ids.size)
+        partners = _proxy_candidates(chips, present, n_candidates)
+        start = 0.02
+    monitor.progress(start)
+    groups = _pair_groups(present_ids, partners, PAIR_GROUP)
+
+    def solve(a: int, group: np.ndarray) -> list[float]:
+        """Matched means of chip ``a`` with each chip of ``group`` (one product, then one
+        assignment per pair); runs on a worker thread."""
+        block = chips.of(a) @ np.concatenate([chips.of(b) for b in group]).T
+        bounds = np.concatenate([[0], np.cumsum(chips.counts[group])])
+        return [matched_mean(block[:, bounds[i]:bounds[i + 1]]) for i in range(group.size)]
+
+    total = sum(group.size for _, group in groups)
+    done = 0
+    workers = max(1, n_workers or default_workers())
+    # A bounded window of work in flight: a cancel waits for at most ~2 items per worker.
+    window = 2 * workers
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: dict = {}
+        items = iter(groups)
+        try:
+            while True:
+                while len(pending) < window:
+                    item = next(items, None)
+                    if item is None:
+                        break
+                    pending[pool.submit(solve, *item)] = item
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    a, group = pending.pop(future)
+                    for b, value in zip(group, future.result()):
+                        exact[a][int(b)] = value
+                        exact[int(b)][a] = value
+                    done += group.size
+                monitor.progress(start + (1.0 - start) * done / max(total, 1))
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
 
     for a in present_ids:
         if exact[a]:
             ids, values = _top(exact[a], n_neighbours)
             neighbours[a, :ids.size] = ids
             similarity_out[a, :ids.size] = values
+    if total == 0:
+        monitor.progress(1.0)
     return neighbours, similarity_out

@@ -113,9 +113,10 @@ class HSIClusterPlugin:
             _log("could not add the embedding panel:\n" + traceback.format_exc(), Qgis.Critical)
 
     def _add_dock_action(self) -> None:
-        """Toolbar button and Plugins > HSI Cluster menu entry toggling the embedding dock (the
-        dock itself also appears under View > Panels once created). The dock needs only numpy
-        and PyQGIS, so it is offered even when the Processing dependencies are missing."""
+        """Toolbar button, View menu and Plugins > HSI Cluster menu entries toggling the
+        embedding dock (the dock itself also appears under View > Panels once created). The dock
+        needs only numpy and PyQGIS, so it is offered even when the Processing dependencies are
+        missing."""
         if self.iface is None or self.dock_action is not None:
             return
         from qgis.PyQt.QtGui import QIcon
@@ -130,6 +131,9 @@ class HSIClusterPlugin:
         action.toggled.connect(self.show_dock)
         self.iface.addToolBarIcon(action)
         self.iface.addPluginToMenu(MENU, action)
+        view_menu = self.iface.viewMenu()
+        if view_menu is not None:
+            view_menu.addAction(action)
         self.dock_action = action
 
     def create_dock(self):
@@ -164,6 +168,9 @@ class HSIClusterPlugin:
             try:
                 self.iface.removePluginMenu(MENU, action)
                 self.iface.removeToolBarIcon(action)
+                view_menu = self.iface.viewMenu()
+                if view_menu is not None:
+                    view_menu.removeAction(action)
             except Exception:
                 _log("could not remove the panel action:\n" + traceback.format_exc())
         if dock is not None and not _is_deleted(dock):

@@ -163,3 +163,13 @@ def test_nan_embedding_is_refused():
     embedding[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         nearest_chips(embedding, chip, 12)
+
+
+@pytest.mark.parametrize("candidates", [None, 6])
+def test_result_does_not_depend_on_the_number_of_worker_threads(candidates):
+    embedding, chip = clustered_chips()
+    one = nearest_chips(embedding, chip, 12, n_neighbours=5, n_candidates=candidates, n_workers=1)
+    three = nearest_chips(embedding, chip, 12, n_neighbours=5, n_candidates=candidates,
+                          n_workers=3)
+    np.testing.assert_array_equal(one[0], three[0])
+    np.testing.assert_array_equal(one[1], three[1])

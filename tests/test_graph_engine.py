@@ -423,3 +423,62 @@ def test_s2_aberystwyth_crop(shared_data_dir, one_torch_thread):
     # Eight clusters on a real scene: several of them are dominant somewhere.
     assert len(np.unique(result.segment_fcm_cluster)) >= 3
     assert np.isfinite(result.segment_umap).all()
+
+
+# ------------------------------------------------------------- U-Net augmentation and stopping
+
+
+def _random_chip(seed: int, bands: int = 3, classes: int = 2, size: int = 16):
+    from engine.unet import ChipTensors
+
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(bands, size, size, generator=generator)
+    target = torch.softmax(torch.randn(classes, size, size, generator=generator), dim=0)
+    mask = torch.ones(1, size, size)
+    mask[:, :3, :5] = 0.0  # a nodata corner, so a rotation is visible in the mask
+    return ChipTensors(image * mask, target * mask, mask)
+
+
+def test_augment_rotates_image_target_and_mask_together_and_noises_only_valid_pixels():
+    from engine.unet import augment
+
+    chip = _random_chip(0)
+    seen_turns = set()
+    for seed in range(12):
+        out = augment(chip, torch.Generator().manual_seed(seed), noise_std=0.0)
+        turns = [t for t in range(4)
+                 if torch.equal(out.mask, torch.rot90(chip.mask, t, dims=(1, 2)))]
+        assert len(turns) == 1
+        turn = turns[0]
+        seen_turns.add(turn)
+        assert torch.equal(out.image, torch.rot90(chip.image, turn, dims=(1, 2)))
+        assert torch.equal(out.target, torch.rot90(chip.target, turn, dims=(1, 2)))
+    assert seen_turns == {0, 1, 2, 3}
+    noisy = augment(chip, torch.Generator().manual_seed(1), noise_std=0.5)
+    turn = next(t for t in range(4) if torch.equal(noisy.mask, torch.rot90(chip.mask, t, (1, 2))))
+    difference = noisy.image - torch.rot90(chip.image, turn, dims=(1, 2))
+    valid = noisy.mask.expand_as(difference) > 0
+    assert torch.all(difference[~valid] == 0)  # nodata stays 0
+    assert 0.35 < float(difference[valid].std()) < 0.65
+
+
+def test_unet_training_stops_early_and_keeps_the_best_weights():
+    from engine.unet import evaluate_loss, train_unet
+
+    torch.manual_seed(0)
+    model = UNet(3, 2, depth=1, width=4, feature_channels=8)
+    # Validation targets unrelated to the training targets: the validation loss soon stops
+    # improving, so training must stop after `patience` epochs and restore the best epoch.
+    training = [_random_chip(seed) for seed in range(3)]
+    validation = [_random_chip(100 + seed) for seed in range(2)]
+    report = train_unet(model, training, validation, max_epochs=60, patience=3,
+                        learning_rate=0.05, noise_std=0.0,
+                        generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert report.stopped_early
+    assert report.epochs_run < 60
+    assert report.epochs_run == report.best_epoch + 3
+    best = min(report.validation_losses)
+    assert report.best_validation_loss == pytest.approx(best)
+    assert report.validation_losses[report.best_epoch - 1] == pytest.approx(best)
+    # The model handed back is the best epoch's, not the last one's.
+    assert evaluate_loss(model, validation, torch.device("cpu")) == pytest.approx(best, rel=1e-5)
