@@ -88,6 +88,11 @@ def other_benchmarks(rows: list[dict]) -> list[str]:
     for row in rows:
         details = ", ".join(f"{key} {value}" for key, value in row.items()
                             if key not in skip and not isinstance(value, (dict, list)))
+        settings = row.get("settings") if isinstance(row.get("settings"), dict) else {}
+        if settings.get("gnn") and "gnn" not in row:  # pipeline runs keep the GNN in settings
+            details = f"gnn {settings['gnn']}, {details}"
+        if " · " in row.get("machine", ""):  # the processor: timings differ between machines
+            details = f"{row['machine'].split(' · ')[1]}, {details}"
         lines.append(f"| {row.get('date', '?')[:10]} | {row.get('bench') or row.get('method')} | "
                      f"{row.get('scene', '')} | {row.get('seconds', '')} | "
                      f"{row.get('peak_rss_mb', '')} | {details[:300]} |")
