@@ -7,8 +7,8 @@ Times the paper's bottleneck (441 chips x 500 segments x 64-d embeddings, Hungar
 chip pairs): the exact search over all pairs and the pruned search (exact matching on the top
 ``n_candidates`` per chip, ranked by the sliced-Wasserstein proxy of engine.chip_similarity) for
 a few ``n_candidates``, and the recall of the true 15 nearest chips. The exact all-pairs search
-at full size takes long on 2 cores, so it is measured on ``--exact-queries`` query chips against all chips and extrapolated to all pairs
-(pairs / 2 because the search solves each unordered pair once); recall is measured on the same
+at full size takes long on 2 cores, so it is measured on ``--exact-queries`` query chips against
+all chips and extrapolated to all pairs (pairs / 2 because the search solves each unordered pair once); recall is measured on the same
 query chips. Each configuration runs in its own process so its peak RSS is its own. The exact
 reference is timed in CPU seconds on one thread (extrapolated); the pruned search runs as the
 product does, on one thread per core (scipy's assignment releases the GIL), and reports wall and
