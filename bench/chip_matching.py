@@ -8,11 +8,11 @@ chip pairs): the exact search over all pairs and the pruned search (exact matchi
 ``n_candidates`` per chip, ranked by the sliced-Wasserstein proxy of engine.chip_similarity) for
 a few ``n_candidates``, and the recall of the true 15 nearest chips. The exact all-pairs search
 at full size takes long on 2 cores, so it is measured on ``--exact-queries`` query chips against
-all chips and extrapolated to all pairs (pairs / 2 because the search solves each unordered pair once); recall is measured on the same
-query chips. Each configuration runs in its own process so its peak RSS is its own. The exact
-reference is timed in CPU seconds on one thread (extrapolated); the pruned search runs as the
-product does, on one thread per core (scipy's assignment releases the GIL), and reports wall and
-CPU seconds.
+all chips and extrapolated to all pairs (pairs / 2 because the search solves each unordered pair
+once); recall is measured on the same query chips. Each configuration runs in its own process so
+its peak RSS is its own. The exact reference is timed in CPU seconds on one thread; the pruned
+search runs as the product does, on one thread per core (scipy's assignment releases the GIL),
+and reports wall and CPU seconds.
 
 Embeddings are not iid noise (on which every proxy fails and no neighbour structure exists):
 
