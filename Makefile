@@ -95,7 +95,7 @@ bench-memory: setup
 
 bench-graph: setup
 	$(PY) -m bench.graph_pipeline
-	$(PY) -m bench.chip_matching
+	$(PY) -m bench.chip_matching --exact-queries 12 --candidates 20 30
 	$(PY) -m bench.graph_quality
 
 bench-dock: setup
