@@ -38,7 +38,7 @@ Padding is id -1 with similarity NaN. Zero embedding vectors have cosine 0 with 
 from __future__ import annotations
 
 import os
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -260,31 +260,19 @@ def nearest_chips(
     total = sum(group.size for _, group in groups)
     done = 0
     workers = max(1, n_workers or default_workers())
-    # A bounded window of work in flight: a cancel waits for at most ~2 items per worker.
-    window = 2 * workers
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: dict = {}
-        items = iter(groups)
+        futures = {pool.submit(solve, a, group): (a, group) for a, group in groups}
         try:
-            while True:
-                while len(pending) < window:
-                    item = next(items, None)
-                    if item is None:
-                        break
-                    pending[pool.submit(solve, *item)] = item
-                if not pending:
-                    break
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    a, group = pending.pop(future)
-                    for b, value in zip(group, future.result()):
-                        exact[a][int(b)] = value
-                        exact[int(b)][a] = value
-                    done += group.size
+            for future in as_completed(futures):
+                a, group = futures[future]
+                for b, value in zip(group, future.result()):
+                    exact[a][int(b)] = value
+                    exact[int(b)][a] = value
+                done += group.size
                 monitor.progress(start + (1.0 - start) * done / max(total, 1))
         except BaseException:
-            for future in pending:
-                future.cancel()
+            # A cancel (or an error) drops the queued items; only those running finish.
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
 
     for a in present_ids:

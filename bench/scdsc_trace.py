@@ -1,0 +1,92 @@
+"""Diagnostic: SCDSC's accuracy at every training epoch (not part of `make bench`).
+
+    python -m bench.scdsc_trace [--scene jasper_ridge] [--seed 0] [--settings '{"beta2": 8}']
+                                [--unbalanced-target]
+
+Runs SCDSC on ../shared/data/<scene> with the given settings and scores the argmax of each
+epoch's soft assignment against the scene's labels (OA after Hungarian matching, NMI), so one can
+see whether joint training improves on the k-means + SVD initialisation (epoch 0) or drifts away
+from it, and which epoch the label-free selection keeps. ``--unbalanced-target`` replaces the
+refined target by s^2 with rows normalised (no division by the cluster frequency): an ablation of
+DEC's balancing term, not a setting of the method. Prints one JSON line; runs on one thread so
+that results are reproducible on a machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import engine.scdsc as scdsc_module  # noqa: E402
+from bench.run_one import N_CLASSES  # noqa: E402
+from engine.metrics import score_clustering  # noqa: E402
+from engine.raster_io import read_labels, read_raster  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+REPORTED_EPOCHS = (0, 1, 5, 10, 25, 50, 100, 200, 300)
+
+
+def unbalanced_target(assignment: torch.Tensor) -> torch.Tensor:
+    weights = assignment.pow(2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scene", default="jasper_ridge", choices=sorted(N_CLASSES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", default="{}", help="JSON of SCDSC parameters")
+    parser.add_argument("--unbalanced-target", action="store_true")
+    args = parser.parse_args(argv)
+    cube_path = DATA / args.scene / "cube.tif"
+    if not cube_path.exists():
+        print(f"no scene at {cube_path}; nothing to do")
+        return 0
+    torch.set_num_threads(1)
+    if args.unbalanced_target:
+        scdsc_module.refined_target = unbalanced_target
+    raster = read_raster(cube_path)
+    truth, _ = read_labels(DATA / args.scene / "labels.tif")
+    epoch_labels: list[np.ndarray] = []
+
+    class TracedSCDSC(scdsc_module.SCDSC):
+        def _joint_losses(self, autoencoder, bases, batch, valid, mini, n_mini):
+            losses = super()._joint_losses(autoencoder, bases, batch, valid, mini, n_mini)
+            with torch.no_grad():
+                grid = self._assign(bases, self._features(autoencoder, batch))
+            if grid.shape[0] == 1 and grid.shape[2:] == raster.valid.shape:  # full batch only
+                labels = grid[0].argmax(dim=0).cpu().numpy() + 1
+                epoch_labels.append(np.where(raster.valid, labels, 0))
+            return losses
+
+    def score(labels: np.ndarray) -> list[float]:
+        scores = score_clustering(truth, labels)
+        return [round(scores.overall_accuracy, 3), round(scores.nmi, 3)]
+
+    settings = json.loads(args.settings)
+    started = time.perf_counter()
+    result = TracedSCDSC(n_clusters=N_CLASSES[args.scene], seed=args.seed,
+                         **settings).fit(raster.cube, raster.valid)
+    epochs = [e for e in (*REPORTED_EPOCHS, len(epoch_labels) - 1) if 0 <= e < len(epoch_labels)]
+    print(json.dumps({
+        "scene": args.scene, "seed": args.seed, "settings": settings,
+        "unbalanced_target": args.unbalanced_target,
+        "seconds": round(time.perf_counter() - started, 1),
+        "final_oa_nmi": score(result.labels), "selected_epoch": result.selected_epoch,
+        "epoch_oa_nmi": {e: score(epoch_labels[e]) for e in sorted(set(epochs))},
+        "command": "python -m bench.scdsc_trace " + " ".join(argv or sys.argv[1:]),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
