@@ -6,7 +6,8 @@
 Runs SCDSC on ../shared/data/<scene> with the given settings and scores the argmax of each
 epoch's soft assignment against the scene's labels (OA after Hungarian matching, NMI), so one can
 see whether joint training improves on the k-means + SVD initialisation (epoch 0) or drifts away
-from it, and which epoch the label-free selection keeps. ``--unbalanced-target`` replaces the
+from it, and which epoch the label-free selection keeps. It also prints the size of each
+cluster on the labelled pixels per reported epoch beside the true class sizes, largest first. ``--unbalanced-target`` replaces the
 refined target by s^2 with rows normalised (no division by the cluster frequency): an ablation of
 DEC's balancing term, not a setting of the method. Prints one JSON line; runs on one thread so
 that results are reproducible on a machine.
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         scores = score_clustering(truth, labels)
         return [round(scores.overall_accuracy, 3), round(scores.nmi, 3)]
 
+    def cluster_sizes(labels: np.ndarray) -> list[int]:
+        """Labelled pixels per cluster, largest first: shows DEC-style balancing at work."""
+        counts = np.bincount(labels[truth > 0], minlength=N_CLASSES[args.scene] + 1)[1:]
+        return sorted((int(c) for c in counts), reverse=True)
+
     settings = json.loads(args.settings)
     started = time.perf_counter()
     result = TracedSCDSC(n_clusters=N_CLASSES[args.scene], seed=args.seed,
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "final_oa_nmi": score(result.labels), "selected_epoch": result.selected_epoch,
         "epoch_oa_nmi": {e: score(epoch_labels[e]) for e in sorted(set(epochs))},
+        "class_sizes": cluster_sizes(truth),
+        "epoch_cluster_sizes": {e: cluster_sizes(epoch_labels[e]) for e in sorted(set(epochs))},
         "command": "python -m bench.scdsc_trace " + " ".join(argv or sys.argv[1:]),
     }))
     return 0
