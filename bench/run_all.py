@@ -60,7 +60,10 @@ def run(scene: str, method: str, seed: int, crop=None, settings: str = "{}") -> 
 def summarise(rows: list[dict]) -> list[str]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["scene"], row["method"])].append(row)
+        # Runs with non-default estimator settings are a method of their own in the table.
+        settings = row.get("settings") or {}
+        label = row["method"] + (f" {json.dumps(settings, sort_keys=True)}" if settings else "")
+        groups[(row["scene"], label)].append(row)
     lines = ["| scene | method | pixels clustered | scored | seeds | OA | NMI | kappa | "
              "seconds | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (scene, method), group in sorted(groups.items()):

@@ -28,13 +28,27 @@ DATA = REPO.parent / "shared" / "data"
 N_CLASSES = {"jasper_ridge": 4, "enmap_potsdam": 6, "s2_aberystwyth": 4}
 
 
+def standardised_bands(pixels: np.ndarray) -> np.ndarray:
+    """The MS2A-Net issue's baseline features: the raw valid spectra, bands standardised."""
+    pixels = pixels.astype(np.float64)
+    spread = pixels.std(axis=0)
+    return (pixels - pixels.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+
+
+# k-means baselines by method name: "kmeans" runs on the same standardised PCA features that
+# SCDSC starts from (the SCDSC issue's baseline), "kmeans_raw" on the standardised spectra.
+BASELINE_FEATURES = {
+    "kmeans": lambda pixels: standardised_pca_pixels(pixels, 8),
+    "kmeans_raw": standardised_bands,
+}
+
+
 def cluster(method: str, cube: np.ndarray, valid: np.ndarray, k: int, seed: int,
             settings: dict) -> tuple[np.ndarray, dict]:
-    if method == "kmeans":
+    if method in BASELINE_FEATURES:
         from sklearn.cluster import KMeans
 
-        # k-means on the same standardised PCA features that SCDSC starts from.
-        features = standardised_pca_pixels(cube[valid], 8)
+        features = BASELINE_FEATURES[method](cube[valid])
         assignment = KMeans(k, n_init=10, random_state=seed).fit_predict(features)
         labels = np.zeros(valid.shape, dtype=np.int32)
         labels[valid] = assignment + 1
@@ -46,17 +60,6 @@ def cluster(method: str, cube: np.ndarray, valid: np.ndarray, k: int, seed: int,
         return result.labels, {"selected_epoch": result.selected_epoch,
                                "stage_seconds": {k: round(v, 1) for k, v in
                                                  result.seconds.items()}}
-    if method == "kmeans_raw":
-        from sklearn.cluster import KMeans
-
-        # The MS2A-Net issue's baseline: k-means on the raw valid spectra, bands standardised.
-        pixels = cube[valid].astype(np.float64)
-        spread = pixels.std(axis=0)
-        pixels = (pixels - pixels.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
-        assignment = KMeans(k, n_init=10, random_state=seed).fit_predict(pixels)
-        labels = np.zeros(valid.shape, dtype=np.int32)
-        labels[valid] = assignment + 1
-        return labels, {}
     if method == "ms2anet":
         import os
 
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method, "seed": args.seed, "pixels": int(valid.sum()),
         "scored": scores.n_scored, "oa": round(scores.overall_accuracy, 4),
         "nmi": round(scores.nmi, 4), "kappa": round(scores.kappa, 4),
-        "seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), **extra,
+        "seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb),
+        "settings": json.loads(args.settings), **extra,
     }))
     return 0
 

@@ -1,16 +1,21 @@
 """Diagnostic: SCDSC's accuracy at every training epoch (not part of `make bench`).
 
     python -m bench.scdsc_trace [--scene jasper_ridge] [--seed 0] [--settings '{"beta2": 8}']
-                                [--unbalanced-target]
+                                [--target paper|unbalanced|keep-sizes]
 
 Runs SCDSC on ../shared/data/<scene> with the given settings and scores the argmax of each
 epoch's soft assignment against the scene's labels (OA after Hungarian matching, NMI), so one can
 see whether joint training improves on the k-means + SVD initialisation (epoch 0) or drifts away
-from it, and which epoch the label-free selection keeps. It also prints the size of each
-cluster on the labelled pixels per reported epoch beside the true class sizes, largest first. ``--unbalanced-target`` replaces the
-refined target by s^2 with rows normalised (no division by the cluster frequency): an ablation of
-DEC's balancing term, not a setting of the method. Prints one JSON line; runs on one thread so
-that results are reproducible on a machine.
+from it, and which epoch the label-free selection keeps. It also prints the size of each cluster
+on the labelled pixels per reported epoch beside the true class sizes, largest first.
+
+``--target`` swaps the refined target of the non-local term, as ablations of DEC's balancing
+term, not settings of the method: ``paper`` is the paper's (s^2 divided by the cluster
+frequency, rows normalised); ``unbalanced`` is s^2 with rows normalised (no division;
+``--unbalanced-target`` is the old spelling); ``keep-sizes`` sharpens rows (s^2) and then rescales
+columns (Sinkhorn, 20 rounds) so that the target keeps the current hard cluster sizes of the
+mini-clusters instead of pulling them towards equal sizes. Prints one JSON line; runs on one
+thread so that results are reproducible on a machine.
 """
 
 from __future__ import annotations
@@ -41,20 +46,36 @@ def unbalanced_target(assignment: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+def size_keeping_target(assignment: torch.Tensor, rounds: int = 20) -> torch.Tensor:
+    """Rows sharpened (s^2), columns rescaled to the current hard cluster sizes (Sinkhorn)."""
+    hard = torch.nn.functional.one_hot(assignment.argmax(dim=1), assignment.shape[1])
+    sizes = hard.sum(dim=0, keepdim=True).to(assignment.dtype).clamp_min(1.0)
+    target = unbalanced_target(assignment)
+    for _ in range(rounds):
+        target = target * (sizes / target.sum(dim=0, keepdim=True).clamp_min(1e-12))
+        target = target / target.sum(dim=1, keepdim=True)
+    return target
+
+
+TARGETS = {"unbalanced": unbalanced_target, "keep-sizes": size_keeping_target}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scene", default="jasper_ridge", choices=sorted(N_CLASSES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settings", default="{}", help="JSON of SCDSC parameters")
-    parser.add_argument("--unbalanced-target", action="store_true")
+    parser.add_argument("--target", default="paper", choices=["paper", *TARGETS])
+    parser.add_argument("--unbalanced-target", action="store_true", help="= --target unbalanced")
     args = parser.parse_args(argv)
     cube_path = DATA / args.scene / "cube.tif"
     if not cube_path.exists():
         print(f"no scene at {cube_path}; nothing to do")
         return 0
     torch.set_num_threads(1)
-    if args.unbalanced_target:
-        scdsc_module.refined_target = unbalanced_target
+    target = "unbalanced" if args.unbalanced_target else args.target
+    if target in TARGETS:
+        scdsc_module.refined_target = TARGETS[target]
     raster = read_raster(cube_path)
     truth, _ = read_labels(DATA / args.scene / "labels.tif")
     epoch_labels: list[np.ndarray] = []
@@ -85,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs = [e for e in (*REPORTED_EPOCHS, len(epoch_labels) - 1) if 0 <= e < len(epoch_labels)]
     print(json.dumps({
         "scene": args.scene, "seed": args.seed, "settings": settings,
-        "unbalanced_target": args.unbalanced_target,
+        "target": target,
         "seconds": round(time.perf_counter() - started, 1),
         "final_oa_nmi": score(result.labels), "selected_epoch": result.selected_epoch,
         "epoch_oa_nmi": {e: score(epoch_labels[e]) for e in sorted(set(epochs))},
