@@ -89,6 +89,7 @@ bench: bench-clustering bench-memory bench-graph bench-dock
 
 bench-clustering: setup
 	$(PY) -m bench.run_all $(BENCH_ARGS)
+	$(PY) -m bench.spatial_context
 
 bench-memory: setup
 	$(PY) -m bench.ms2anet_memory
