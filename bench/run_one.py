@@ -76,6 +76,7 @@ def cluster(method: str, cube: np.ndarray, valid: np.ndarray, k: int, seed: int,
         # CPU seconds of the process so far: on a shared machine, wall seconds measure the
         # other jobs too; with one thread, CPU seconds ~ the wall time on a free core.
         return result.labels, {"chosen_iteration": result.chosen_iteration,
+                               "lowest_loss": round(min(result.loss_history), 5),
                                "torch_threads": threads,
                                "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                                "stage_seconds": {k: round(v, 1) for k, v in

@@ -37,11 +37,12 @@ Decisions beyond the paper (the paper trains and clusters one small scene in one
   a pixel's label does not depend on its tile).
 * Learning rate 1e-2, not Adam's default 1e-3 that the paper uses. In the paper's 800
   iterations, 1e-3 leaves the network far from its own objective on our scenes: the lowest
-  loss is 0.0166 with 1e-3 and 0.0051 with 1e-2 on s2_aberystwyth, 0.0121 and 0.0047 on
-  jasper_ridge (seed 0). k-means on the better-trained code agrees far more with the
-  reference labels on s2_aberystwyth (NMI 0.94 against 0.72, bench/RESULTS.md) and somewhat
-  more on jasper_ridge; 3e-2 was worse on enmap_potsdam. The learning rate stays a
-  parameter; 1e-3 gives the paper's setting.
+  loss is 0.0167 with 1e-3 and 0.0051 with 1e-2 on s2_aberystwyth, 0.0121 and 0.0047 on
+  jasper_ridge (seed 0; field ``lowest_loss`` of ``python -m bench.run_one --method
+  ms2anet``). k-means on the better-trained code agrees far more with the reference labels on
+  s2_aberystwyth (NMI 0.94 against 0.72, bench/RESULTS.md) and somewhat more on jasper_ridge;
+  on enmap_potsdam the two are alike (one seed of three poorer) and 3e-2 was worse. The
+  learning rate stays a parameter; 1e-3 gives the paper's setting.
 * Lowest-loss weights: the loss of iteration i belongs to the weights before step i, and those
   weights are kept (the reference saves the weights after step i, one step later).
 * Inference memory: tiles are read and written through rasterio windows with GDAL's block cache
