@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report(output: Path) -> None:
     """RESULTS.md summarises every run recorded in results.jsonl (runs may come in pieces)."""
-    rows = [json.loads(line) for line in (HERE / "results.jsonl").read_text().splitlines()
-            if line.strip()]
+    recorded = [json.loads(line) for line in (HERE / "results.jsonl").read_text().splitlines()
+                if line.strip()]
+    # A run re-done with later code is marked "superseded" (with the date of the re-run): it
+    # stays in results.jsonl as history but leaves the table.
+    rows = [row for row in recorded if not row.get("superseded")]
+    superseded = len(recorded) - len(rows)
     commands = sorted({(row.get("date", "?")[:10], row.get("command", "?")) for row in rows})
 
     report = [
@@ -155,7 +159,9 @@ def write_report(output: Path) -> None:
         *[f"  - {date}: `{command}`" for date, command in commands],
         "- OA / NMI / kappa on labelled pixels only; every valid pixel is clustered. OA and "
         "kappa after Hungarian matching. Seconds = reading + clustering, one process per run; "
-        "peak RSS = that process's maximum resident set.", "",
+        "peak RSS = that process's maximum resident set."
+        + (f" {superseded} older runs re-done with later code are left out (marked "
+           "`superseded` in results.jsonl)." if superseded else ""), "",
         *summarise([row for row in rows if row.get("oa") is not None]), "",
         *other_benchmarks([row for row in rows if row.get("oa") is None]),
         "Per-run lines are in `bench/results.jsonl`.", "",
