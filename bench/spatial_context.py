@@ -41,11 +41,11 @@ import torch  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 
 from bench.run_all import DATA, SCENES, machine, write_report  # noqa: E402
-from bench.run_one import N_CLASSES, standardised_bands  # noqa: E402
+from bench.run_one import BASELINE_FEATURES, N_CLASSES  # noqa: E402
 from engine.finch import mini_clusters  # noqa: E402
 from engine.metrics import score_clustering  # noqa: E402
 from engine.patch_features import patch_pca_features  # noqa: E402
-from engine.preprocessing import SpectralPreprocessing, pixels_to_image  # noqa: E402
+from engine.preprocessing import pixels_to_image  # noqa: E402
 from engine.raster_io import read_labels, read_raster  # noqa: E402
 from engine.scdsc import SCDSC, masked_box_filter  # noqa: E402
 
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         truth, _ = read_labels(DATA / scene / "labels.tif")
         valid, k = raster.valid, N_CLASSES[scene]
         pixels = raster.cube[valid]
-        features = {"raw": standardised_bands(pixels).astype(np.float32),
-                    "pca": SpectralPreprocessing.fit(pixels, 8).transform(pixels)}
+        features = {name: BASELINE_FEATURES[method](pixels).astype(np.float32)
+                    for name, method in (("raw", "kmeans_raw"), ("pca", "kmeans"))}
         for name, feature_pixels in features.items():
             for window in args.windows:
                 smoothed = box_filtered_pixels(feature_pixels, valid, window)
