@@ -7,7 +7,8 @@ Runs SCDSC on ../shared/data/<scene> with the given settings and scores the argm
 epoch's soft assignment against the scene's labels (OA after Hungarian matching, NMI), so one can
 see whether joint training improves on the k-means + SVD initialisation (epoch 0) or drifts away
 from it, and which epoch the label-free selection keeps. It also prints the size of each cluster
-on the labelled pixels per reported epoch beside the true class sizes, largest first.
+on the labelled pixels per reported epoch beside the true class sizes, largest first, and the
+median over valid pixels of max_j s_ij (how flat the soft assignment is; 1/k is flat).
 
 ``--target`` swaps the refined target of the non-local term, as ablations of DEC's balancing
 term, not settings of the method: ``paper`` is the paper's (s^2 divided by the cluster
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     raster = read_raster(cube_path)
     truth, _ = read_labels(DATA / args.scene / "labels.tif")
     epoch_labels: list[np.ndarray] = []
+    # Median over valid pixels of max_j s_ij: how flat the soft assignment is (1/k = flat).
+    epoch_median_max: list[float] = []
 
     class TracedSCDSC(scdsc_module.SCDSC):
         def _joint_losses(self, autoencoder, bases, batch, valid, mini, n_mini):
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             if grid.shape[0] == 1 and grid.shape[2:] == raster.valid.shape:  # full batch only
                 labels = grid[0].argmax(dim=0).cpu().numpy() + 1
                 epoch_labels.append(np.where(raster.valid, labels, 0))
+                peak = grid[0].max(dim=0).values.cpu().numpy()[raster.valid]
+                epoch_median_max.append(round(float(np.median(peak)), 3))
             return losses
 
     def score(labels: np.ndarray) -> list[float]:
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "epoch_oa_nmi": {e: score(epoch_labels[e]) for e in sorted(set(epochs))},
         "class_sizes": cluster_sizes(truth),
         "epoch_cluster_sizes": {e: cluster_sizes(epoch_labels[e]) for e in sorted(set(epochs))},
+        "epoch_median_max_s": {e: epoch_median_max[e] for e in sorted(set(epochs))},
         "command": "python -m bench.scdsc_trace " + " ".join(argv or sys.argv[1:]),
     }))
     return 0
