@@ -4,7 +4,8 @@
 The installed plugin folder ``hsi_cluster`` holds:
 
 * the contents of ``hsi_cluster_plugin/`` at its root (``__init__.py``, ``plugin.py``, ...),
-* ``metadata.txt`` from the repository root,
+* ``metadata.txt`` from the repository root, and ``requirements.txt`` / ``constraints.txt``
+  (what the environment installer installs),
 * ``engine/`` and ``processing_provider/`` as sub-folders,
 * ``python_path.txt``: the site-packages folder of the repository's venv, which the plugin adds
   to ``sys.path`` when its Python dependencies (torch, ...) are not importable otherwise.
@@ -41,7 +42,8 @@ PLUGINS_SECTION = "PythonPlugins"
 # Folders of the repository copied into the plugin as sub-folders of the same name.
 _PACKAGE_DIRS = ("engine", "processing_provider")
 # Files of the repository root copied to the plugin root when present.
-_ROOT_FILES = ("metadata.txt", "LICENSE")
+# requirements.txt and constraints.txt: what the plugin's environment installer installs.
+_ROOT_FILES = ("metadata.txt", "LICENSE", "requirements.txt", "constraints.txt")
 _EXCLUDED_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
 _EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".swp", "~")
 
