@@ -24,10 +24,18 @@ Decisions beyond the paper (the paper trains and clusters one small scene in one
   training image (cumulative average over crops), and inference runs in eval mode. For a scene
   that trains in one piece the code therefore matches the reference's train-mode code (up to
   BatchNorm's unbiased n/(n-1) variance), and every tile is normalised identically.
-* Tiled inference. M' sees 8 pixels around a pixel (5x5 kernel, dilation 4). Each tile is read
-  with an 8-pixel halo (clipped at the raster edge, where the convs zero-pad as in an untiled
-  run), so a tiled run equals an untiled one. Any raster of at least 2x2 pixels works: the convs
-  zero-pad, as in the paper, so rasters smaller than the receptive field need no special case.
+* Raster border: reflected, not zero-padded. M' sees 8 pixels around a pixel (5x5 kernel,
+  dilation 4). With 'same' zero padding (the reference's) a pixel within 8 pixels of the raster
+  edge sees zeros, which after min-max scaling are a black spectrum, and k-means put such
+  pixels into a cluster of their own: a 3-4 pixel frame of one class (issue 12; on a 300 x 300
+  crop of s2_aberystwyth the last column was all one cluster). The input now carries 8 pixels
+  of context on every side: the raster's own pixels, and the raster reflected at its border
+  (``context_window``); the convs are 'valid' convs on it, and the decoder's 3x3 conv sees its
+  input reflected. Training crops and inference tiles get their context the same way, so the
+  code of a pixel does not depend on the crop or tile it is computed in.
+* Tiled inference. Each tile is read with an 8-pixel halo (clipped at the raster edge and
+  reflected there, as in training), so a tiled run equals an untiled one. Any raster of at
+  least 2x2 pixels works (rasters smaller than the halo are reflected repeatedly).
 * Nodata pixels are 0 in the scaled input, are left out of both loss terms, of SA, of the
   min-max scaling and of k-means, and get label 0. (They still take part in the BatchNorm batch
   statistics, which are per-channel means over the image.)
@@ -119,28 +127,33 @@ SPACE_TO_BATCH_MAX_BANDS = 32
 
 
 class MS2ANetwork(nn.Module):
-    """The autoencoder; ``code`` gives M', ``forward`` gives (R, M', SA)."""
+    """The autoencoder; ``code`` gives M', ``forward`` gives (R, M', SA).
+
+    Both take an image padded with ``CODE_HALO`` pixels of context on every side (real pixels
+    where the raster has them, reflected at the raster border: ``context_window``) and return
+    maps of the unpadded core, so no conv of the code ever sees padding zeros.
+    """
 
     def __init__(self, n_bands: int):
         super().__init__()
+        # padding=0: the context comes with the input (see the class docstring).
         self.dilated = nn.ModuleList(
-            nn.Conv2d(n_bands, FILTERS_PER_DILATION, SPATIAL_KERNEL, dilation=d,
-                      padding=(SPATIAL_KERNEL // 2) * d)
+            nn.Conv2d(n_bands, FILTERS_PER_DILATION, SPATIAL_KERNEL, dilation=d)
             for d in DILATIONS
         )
         self.code_norm = nn.BatchNorm2d(CODE_CHANNELS)
         self.squeeze = nn.Conv2d(CODE_CHANNELS, STREAM_CHANNELS, 1, stride=2)
         self.spatial_norm = nn.BatchNorm2d(STREAM_CHANNELS)
-        self.association_conv = nn.Conv2d(n_bands, STREAM_CHANNELS, 3, padding=1)
+        self.association_conv = nn.Conv2d(n_bands, STREAM_CHANNELS, 3)
         self.association_norm = nn.BatchNorm2d(STREAM_CHANNELS)
-        self.decoder_conv = nn.Conv2d(2 * STREAM_CHANNELS, n_bands, 3, padding=1)
+        self.decoder_conv = nn.Conv2d(2 * STREAM_CHANNELS, n_bands, 3)
         self.decoder_norm = nn.BatchNorm2d(n_bands)
 
-    def code(self, image: torch.Tensor) -> torch.Tensor:
-        """M' (N, 36, H, W) of a scaled image (N, B, H, W)."""
-        few_bands = image.shape[1] <= SPACE_TO_BATCH_MAX_BANDS
-        stacked = torch.cat([dilated_conv(conv, image) if few_bands else conv(image)
-                             for conv in self.dilated], dim=1)
+    def code(self, padded: torch.Tensor) -> torch.Tensor:
+        """M' (N, 36, H, W) of a scaled image padded by ``CODE_HALO`` (N, B, H + 16, W + 16)."""
+        few_bands = padded.shape[1] <= SPACE_TO_BATCH_MAX_BANDS
+        stacked = torch.cat([dilated_conv(conv, padded, few_bands) for conv in self.dilated],
+                            dim=1)
         return functional.relu(self.code_norm(stacked))
 
     def spatial_features(self, code: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -151,55 +164,98 @@ class MS2ANetwork(nn.Module):
         upsampled = functional.interpolate(half, size=size, mode="bilinear", align_corners=False)
         return functional.relu(self.spatial_norm(upsampled))
 
-    def association_weights(self, image: torch.Tensor) -> torch.Tensor:
-        """F: per-pixel softmax over the 3 channels of ReLU(BN(conv3x3(X)))."""
-        local = functional.relu(self.association_norm(self.association_conv(image)))
-        return torch.softmax(local, dim=1)
+    def association_weights(self, padded: torch.Tensor) -> torch.Tensor:
+        """F (N, 3, H, W): per-pixel softmax over the 3 channels of ReLU(BN(conv3x3(X)))."""
+        margin = CODE_HALO - 1  # the 3x3 conv needs one pixel of context
+        local = self.association_conv(padded[..., margin:-margin, margin:-margin])
+        return torch.softmax(functional.relu(self.association_norm(local)), dim=1)
 
-    def forward(self, image: torch.Tensor, valid: torch.Tensor | None = None,
+    def forward(self, padded: torch.Tensor, valid: torch.Tensor | None = None,
                 frozen_association: torch.Tensor | None = None,
                 pixel_softmax: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(R, M', SA) for one image (1, B, H, W).
+        """(R, M', SA) for one image padded by ``CODE_HALO`` (1, B, H + 16, W + 16).
 
-        ``valid`` (H, W) bool restricts SA's sum to valid pixels (all pixels when None);
-        ``pixel_softmax`` is ``band_softmax(image, valid)`` precomputed by a caller that runs many
-        iterations on the same image (it does not depend on the weights).
+        R and M' cover the core (H, W). ``valid`` (H, W) bool restricts SA's sum to valid
+        pixels (all pixels when None); ``pixel_softmax`` is ``band_softmax(core, valid)``
+        precomputed by a caller that runs many iterations on the same image (it does not depend
+        on the weights).
         """
+        image = core_of(padded)
         height, width = image.shape[-2:]
-        code = self.code(image)
+        code = self.code(padded)
         spatial = self.spatial_features(code, (height, width))
         association = frozen_association
         if association is None:
             if pixel_softmax is None:
                 pixel_softmax = band_softmax(image, valid)
             association = association_from_softmax(pixel_softmax,
-                                                   self.association_weights(image))
+                                                   self.association_weights(padded))
         association_features = association_feature_maps(image, association)
-        decoded = self.decoder_conv(torch.cat([spatial, association_features], dim=1))
+        # The decoder's 3x3 conv sees the feature maps reflected at the core's border (not
+        # zeros): no conv of the network sees padding zeros.
+        decoder_input = functional.pad(torch.cat([spatial, association_features], dim=1),
+                                       (1, 1, 1, 1), mode="reflect")
+        decoded = self.decoder_conv(decoder_input)
         return functional.relu(self.decoder_norm(decoded)), code, association
 
 
-def dilated_conv(conv: nn.Conv2d, image: torch.Tensor) -> torch.Tensor:
-    """``conv(image)`` for a dilated 'same' conv, computed as a dense conv on the d x d phase
-    sub-images ("space to batch"). Exactly the same sums (zero padding included): a tap at
-    offset k*d of pixel (i*d + a, j*d + b) is tap k of pixel (i, j) of phase (a, b). Only used
-    for few input bands, where torch's CPU backward of a dilated conv is ~2.5x slower."""
+def core_of(padded: torch.Tensor) -> torch.Tensor:
+    """The image inside a ``CODE_HALO`` padding."""
+    return padded[..., CODE_HALO:-CODE_HALO, CODE_HALO:-CODE_HALO]
+
+
+def context_window(cube: np.ndarray, valid: np.ndarray, rows: slice, cols: slice,
+                   halo: int = CODE_HALO) -> tuple[np.ndarray, np.ndarray]:
+    """``cube[rows, cols]`` with ``halo`` pixels of context on every side, and its mask.
+
+    The context is the raster's own pixels where it has them, and the raster reflected at its
+    border (numpy's 'reflect': the edge pixel is not repeated; repeated reflection for rasters
+    smaller than the halo) where it does not. A window clipped at the raster border reflected
+    at that border equals the whole raster reflected, so tiles and whole-image runs see the
+    same context, in training and in inference.
+    """
+    height, width = valid.shape
+    top, left = max(rows.start - halo, 0), max(cols.start - halo, 0)
+    bottom, right = min(rows.stop + halo, height), min(cols.stop + halo, width)
+    pads = ((top - (rows.start - halo), rows.stop + halo - bottom),
+            (left - (cols.start - halo), cols.stop + halo - right))
+    window = cube[top:bottom, left:right]
+    window_valid = valid[top:bottom, left:right]
+    if any(pads[0]) or any(pads[1]):
+        window = np.pad(window, (*pads, (0, 0)), mode="reflect")
+        window_valid = np.pad(window_valid, pads, mode="reflect")
+    return window, window_valid
+
+
+def dilated_conv(conv: nn.Conv2d, padded: torch.Tensor, space_to_batch: bool) -> torch.Tensor:
+    """The dilated 5x5 conv of the code on the core of an image padded by ``CODE_HALO``.
+
+    A 'valid' conv on the part of the padding it reaches (2 x dilation pixels). With
+    ``space_to_batch`` it is computed as a dense conv on the d x d phase sub-images: exactly
+    the same sums (a tap at offset k*d of pixel (i*d + a, j*d + b) is tap k of pixel (i, j) of
+    phase (a, b)); used for few input bands, where torch's CPU backward of a dilated conv is
+    ~2.5x slower.
+    """
     dilation = conv.dilation[0]
-    if dilation == 1:
-        return conv(image)
-    n, channels, height, width = image.shape
-    pad_bottom, pad_right = (-height) % dilation, (-width) % dilation
-    if pad_bottom or pad_right:  # zeros, as the conv's own padding would give
+    margin = CODE_HALO - (SPATIAL_KERNEL // 2) * dilation
+    image = padded[..., margin:padded.shape[-2] - margin, margin:padded.shape[-1] - margin]
+    height = padded.shape[-2] - 2 * CODE_HALO
+    width = padded.shape[-1] - 2 * CODE_HALO
+    if dilation == 1 or not space_to_batch:
+        return functional.conv2d(image, conv.weight, conv.bias, dilation=dilation)
+    n, channels, padded_height, padded_width = image.shape
+    pad_bottom, pad_right = (-padded_height) % dilation, (-padded_width) % dilation
+    if pad_bottom or pad_right:  # only reaches outputs beyond the core, which are cut off
         image = functional.pad(image, (0, pad_right, 0, pad_bottom))
-    rows, cols = (height + pad_bottom) // dilation, (width + pad_right) // dilation
+    rows, cols = (padded_height + pad_bottom) // dilation, (padded_width + pad_right) // dilation
     phases = (image.reshape(n, channels, rows, dilation, cols, dilation)
               .permute(0, 3, 5, 1, 2, 4).reshape(n * dilation * dilation, channels, rows, cols))
-    out = functional.conv2d(phases, conv.weight, conv.bias,
-                            padding=conv.padding[0] // dilation)
-    filters = out.shape[1]
-    out = (out.reshape(n, dilation, dilation, filters, rows, cols).permute(0, 3, 4, 1, 5, 2)
-           .reshape(n, filters, rows * dilation, cols * dilation))
+    out = functional.conv2d(phases, conv.weight, conv.bias)
+    filters, out_rows, out_cols = out.shape[1:]
+    out = (out.reshape(n, dilation, dilation, filters, out_rows, out_cols)
+           .permute(0, 3, 4, 1, 5, 2)
+           .reshape(n, filters, out_rows * dilation, out_cols * dilation))
     return out[:, :, :height, :width]
 
 
@@ -253,20 +309,26 @@ def ms2anet_loss(image: torch.Tensor, reconstruction: torch.Tensor, code: torch.
 class TrainingImage:
     """One training image on the device with what the loss needs that the weights do not change."""
 
-    image: torch.Tensor  # (1, B, H, W) scaled, nodata 0
-    valid: torch.Tensor | None  # (1, H, W) bool, None when every pixel is valid
-    pixel_softmax: torch.Tensor  # (B, H*W)
-    band_mean: torch.Tensor  # (1, H, W)
+    padded: torch.Tensor  # (1, B, H + 16, W + 16) scaled, nodata 0, with CODE_HALO of context
+    valid: torch.Tensor | None  # (1, H, W) bool, None when every core pixel is valid
+    pixel_softmax: torch.Tensor  # (B, H*W) of the core
+    band_mean: torch.Tensor  # (1, H, W) of the core
 
     @classmethod
     def of(cls, scaled: np.ndarray, valid: np.ndarray, device: torch.device) -> TrainingImage:
-        image = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))[None]
-        image = image.to(device)
+        """``scaled`` (H + 16, W + 16, B) with its context; ``valid`` (H, W) of the core."""
+        padded = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))[None]
+        padded = padded.to(device)
+        image = core_of(padded)
         mask = None if valid.all() else torch.from_numpy(valid)[None].to(device)
-        return cls(image, mask, band_softmax(image, mask), image.mean(dim=1))
+        return cls(padded, mask, band_softmax(image, mask), image.mean(dim=1))
+
+    @property
+    def image(self) -> torch.Tensor:
+        return core_of(self.padded)
 
     def step_loss(self, network: MS2ANetwork, lam: float) -> torch.Tensor:
-        reconstruction, code, _ = network(self.image, pixel_softmax=self.pixel_softmax)
+        reconstruction, code, _ = network(self.padded, pixel_softmax=self.pixel_softmax)
         return ms2anet_loss(self.image, reconstruction, code, self.valid, lam, self.band_mean)
 
 
@@ -431,13 +493,12 @@ class MS2ANet:
                      f"k = {self.n_clusters}, device {device}")
 
         self.band_min, self.band_max = band_ranges(cube, valid)
-        # Training sees the bounding box of the valid pixels only: outside it there is nothing
-        # to reconstruct, and inside it nodata is 0, as the convs' zero padding, so the code of
-        # every valid pixel is the same as with the whole frame (a scene that is 70 % nodata
-        # frame, like an EnMAP tile set, trains 2x faster). BN statistics see less nodata.
+        # Training sees the bounding box of the valid pixels only (with its context from the
+        # raster, reflected at the raster border, as in inference): outside it there is
+        # nothing to reconstruct (a scene that is 70 % nodata frame, like an EnMAP tile set,
+        # trains 2x faster). BN statistics see less nodata.
         box = valid_bounding_box(valid)
-        train_cube, train_valid = cube[box], valid[box]
-        box_height, box_width = train_valid.shape
+        box_height, box_width = box[0].stop - box[0].start, box[1].stop - box[1].start
         crop_height, crop_width = crop_shape(box_height, box_width, self.training_pixels)
         if (crop_height, crop_width) != (box_height, box_width):
             monitor.info(f"Training on random {crop_height}x{crop_width} crops of the "
@@ -446,13 +507,14 @@ class MS2ANet:
         def training_crop() -> TrainingImage:
             # Crops without valid pixels carry no loss: draw again (bounded attempts).
             for _ in range(100):
-                row = int(rng.integers(0, box_height - crop_height + 1))
-                col = int(rng.integers(0, box_width - crop_width + 1))
-                crop_valid = train_valid[row:row + crop_height, col:col + crop_width]
+                row = box[0].start + int(rng.integers(0, box_height - crop_height + 1))
+                col = box[1].start + int(rng.integers(0, box_width - crop_width + 1))
+                crop_valid = valid[row:row + crop_height, col:col + crop_width]
                 if crop_valid.any():
                     break
-            crop = train_cube[row:row + crop_height, col:col + crop_width]
-            scaled = scale_bands(crop, crop_valid, self.band_min, self.band_max)
+            crop, context_valid = context_window(cube, valid, slice(row, row + crop_height),
+                                                 slice(col, col + crop_width))
+            scaled = scale_bands(crop, context_valid, self.band_min, self.band_max)
             return TrainingImage.of(scaled, crop_valid, device)
 
         network = MS2ANetwork(bands).to(device)
@@ -518,14 +580,14 @@ class MS2ANet:
         network.train()
         with torch.no_grad():
             for crop in crops:
-                network(crop.image, pixel_softmax=crop.pixel_softmax)
+                network(crop.padded, pixel_softmax=crop.pixel_softmax)
         for norm in norms:
             norm.momentum = 0.1
         network.eval()
         with torch.no_grad():
             crop = crops[-1]
             association = association_from_softmax(crop.pixel_softmax,
-                                                   network.association_weights(crop.image))
+                                                   network.association_weights(crop.padded))
         self.frozen_association = association.cpu().numpy().astype(np.float32)
 
     def _tile_codes(self, reader: WindowReader, height: int, width: int,
@@ -538,12 +600,15 @@ class MS2ANet:
         windows = tile_windows(height, width, self.inference_tile, CODE_HALO)
         for index, window in enumerate(windows):
             cube, window_valid = reader(window)
-            scaled = scale_bands(cube, window_valid, self.band_min, self.band_max)
+            rows, cols = window.core_in_read
+            # The halo clipped by the raster edge is the window reflected at that edge
+            # (context_window), exactly as in training.
+            cube, context_valid = context_window(cube, window_valid, rows, cols)
+            scaled = scale_bands(cube, context_valid, self.band_min, self.band_max)
             image = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))[None]
             with torch.no_grad():
                 code = self.network.code(image.to(device))[0].cpu().numpy()
-            rows, cols = window.core_in_read
-            yield (window, np.ascontiguousarray(code[:, rows, cols].transpose(1, 2, 0)),
+            yield (window, np.ascontiguousarray(code.transpose(1, 2, 0)),
                    window_valid[rows, cols])
             monitor.progress((index + 1) / len(windows))
 
