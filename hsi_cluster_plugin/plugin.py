@@ -41,6 +41,8 @@ class HSIClusterPlugin:
         self.provider = None
         self.dock = None  # the embedding dock, created the first time it is shown
         self.dock_action = None
+        self.environment_action = None  # Plugins > HSI Cluster > Set up Python environment…
+        self.environment_dialog = None
         self.missing: list[str] = []
         self._warned = False
 
@@ -111,6 +113,39 @@ class HSIClusterPlugin:
             self._add_dock_action()
         except Exception:
             _log("could not add the embedding panel:\n" + traceback.format_exc(), Qgis.Critical)
+        try:
+            self._add_environment_action()
+        except Exception:
+            _log("could not add the environment menu entry:\n" + traceback.format_exc(),
+                 Qgis.Critical)
+
+    def _add_environment_action(self) -> None:
+        """Plugins > HSI Cluster > Set up Python environment… (the installer dialog)."""
+        if self.iface is None or self.environment_action is not None:
+            return
+        from qgis.PyQt.QtWidgets import QAction
+
+        action = QAction("Set up Python environment…", self.iface.mainWindow())
+        action.setObjectName("HSIClusterEnvironmentAction")
+        action.triggered.connect(self.show_environment_dialog)
+        self.iface.addPluginToMenu(MENU, action)
+        self.environment_action = action
+
+    def show_environment_dialog(self):
+        """Open the environment installer (one dialog at a time); returns it."""
+        try:
+            if self.environment_dialog is None or _is_deleted(self.environment_dialog):
+                from .installer_dialog import InstallerDialog
+
+                parent = self.iface.mainWindow() if self.iface is not None else None
+                self.environment_dialog = InstallerDialog(parent)
+            self.environment_dialog.show()
+            self.environment_dialog.raise_()
+            return self.environment_dialog
+        except Exception:
+            _log("could not open the environment installer:\n" + traceback.format_exc(),
+                 Qgis.Critical)
+            return None
 
     def _add_dock_action(self) -> None:
         """Toolbar button, View menu and Plugins > HSI Cluster menu entries toggling the
@@ -182,12 +217,28 @@ class HSIClusterPlugin:
         if action is not None and not _is_deleted(action):
             action.deleteLater()
 
+    def _remove_environment_action(self) -> None:
+        dialog, self.environment_dialog = self.environment_dialog, None
+        if dialog is not None and not _is_deleted(dialog):
+            dialog.close()  # cancels a running install
+            dialog.deleteLater()
+        action, self.environment_action = self.environment_action, None
+        if action is not None and self.iface is not None:
+            self.iface.removePluginMenu(MENU, action)
+        if action is not None and not _is_deleted(action):
+            action.deleteLater()
+
     def unload(self) -> None:
         """Remove the dock and the provider; safe to call more than once."""
         try:
             self._remove_dock()
         except Exception:
             _log("removing the embedding panel failed:\n" + traceback.format_exc(), Qgis.Warning)
+        try:
+            self._remove_environment_action()
+        except Exception:
+            _log("removing the environment menu entry failed:\n" + traceback.format_exc(),
+                 Qgis.Warning)
         provider, self.provider = self.provider, None
         if provider is None or _is_deleted(provider):
             return
