@@ -26,10 +26,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn import GATv2Conv, GCNConv
-from torch_geometric.utils import to_torch_csr_tensor
 
-from engine.monitor import Monitor, silent
+# Importing torch-geometric 2.7 calls torch.jit.script, which torch 2.13 deprecates: QGIS shows
+# that DeprecationWarning in its Python warnings tab on every start, noise users can do nothing
+# about. Ignored narrowly: DeprecationWarnings raised inside torch or torch-geometric while
+# torch-geometric is imported; warnings from our code, or later ones, are untouched.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=DeprecationWarning,
+                            module=r"(torch|torch_geometric)(\.|$)")
+    from torch_geometric.nn import GATv2Conv, GCNConv
+    from torch_geometric.utils import to_torch_csr_tensor
+
+from engine.monitor import Monitor, silent  # noqa: E402 - after the guarded import
 
 GNN_CHOICES = ("gcn", "gatv2")
 GCN_HIDDEN = 60

@@ -526,7 +526,15 @@ class MS2ANet:
         loss_history: list[float] = []
         best_loss, best_iteration = math.inf, 0
         best_state = _state_copy(network)
-        train_monitor = monitor.stage(0.0, 0.85)
+        # Progress in proportion to the expected time of each stage (fitted to the benchmark
+        # runs of bench/results.jsonl, 2 cores): an iteration ~0.03 s + 0.1 us per band x
+        # pixel of its crop, k-means ~4 s, assignment ~1 us per pixel. Training is almost
+        # all of it on the benchmark scenes; mapping a large scene takes a visible share.
+        costs = (self.iterations * (0.03 + 1e-7 * bands * crop_height * crop_width), 4.0,
+                 1e-6 * height * width)
+        train_end = costs[0] / sum(costs)
+        centres_end = (costs[0] + costs[1]) / sum(costs)
+        train_monitor = monitor.stage(0.0, train_end)
         network.train()
         for iteration in range(1, self.iterations + 1):
             sample = fixed if fixed is not None else training_crop()
@@ -555,14 +563,15 @@ class MS2ANet:
 
         started = time.perf_counter()
         reader = array_window_reader(cube, valid)
-        self._fit_centres(reader, height, width, valid, rng, monitor.stage(0.85, 0.93))
+        self._fit_centres(reader, height, width, valid, rng,
+                          monitor.stage(train_end, centres_end))
         seconds["kmeans"] = time.perf_counter() - started
         started = time.perf_counter()
         labels = np.zeros((height, width), dtype=np.int32)
         features = (np.zeros((height, width, CODE_CHANNELS), dtype=np.float32)
                     if return_features else None)
         for window, code, window_valid in self._tile_codes(reader, height, width,
-                                                           monitor.stage(0.93, 1.0)):
+                                                           monitor.stage(centres_end, 1.0)):
             rows = slice(window.row, window.row + window.height)
             cols = slice(window.col, window.col + window.width)
             labels[rows, cols] = self._labels_of(code, window_valid)

@@ -508,6 +508,36 @@ class SCDSC:
             norm.momentum = 0.1
         autoencoder.eval()
 
+    # ---------------------------------------------------------------- progress
+    def stage_fractions(self, n_valid: int, n_pixels: int) -> dict[str, tuple[float, float]]:
+        """Where each stage starts and ends on the 0..1 progress bar, in proportion to its
+        expected run time, so that progress is roughly linear in time.
+
+        The costs are fitted to the stage times of the benchmark runs in bench/results.jsonl
+        (2026-12-03, 2 cores, default settings): FINCH ~2 s + 0.2 ms per valid pixel;
+        pretraining ~0.032 s per step of 16,384 pixels; initialisation ~15 s; a joint training
+        epoch ~0.05 s + 1.1 s per 262,144 pixels of its batch; assignment ~2 us per pixel.
+        With fixed fractions (training 50 % of the bar) a 400-epoch run stood at 43 % after
+        40 s of a run lasting minutes.
+        """
+        batch = min(n_pixels, self.batch_pixels)
+        seconds = {
+            "finch": 2.0 + 2e-4 * n_valid,
+            "pretraining": 0.032 * self.pretrain_steps * self.pretrain_batch_pixels / 16_384,
+            "initialisation": 15.0,
+            "training": self.epochs * (0.05 + 1.1 * batch / 262_144),
+            "recalibration": 1e-6 * n_pixels,
+            "assignment": 2e-6 * n_pixels,
+        }
+        total = sum(seconds.values())
+        fractions, start = {}, 0.0
+        for stage, cost in seconds.items():
+            end = min(start + cost / total, 1.0)
+            fractions[stage] = (start, end)
+            start = end
+        fractions["assignment"] = (fractions["assignment"][0], 1.0)
+        return fractions
+
     # ---------------------------------------------------------------- public API
     def fit(
         self, cube: np.ndarray, valid: np.ndarray, monitor: Monitor | None = None
@@ -526,11 +556,12 @@ class SCDSC:
                      f"k = {self.n_clusters}, device {device}")
         preprocessing = SpectralPreprocessing.fit(cube[valid], self.n_components)
         image = pixels_to_image(preprocessing.transform(cube[valid]), valid)
-        monitor.progress(0.01)
+        stages = self.stage_fractions(int(valid.sum()), valid.size)
+        monitor.check()
 
         clock = time.perf_counter()
         monitor.info("Mini-clusters (FINCH on 17x17 patches)…")
-        mini = self._mini_clusters(image, valid, monitor.stage(0.01, 0.25))
+        mini = self._mini_clusters(image, valid, monitor.stage(*stages["finch"]))
         n_mini = int(mini.max()) + 1
         monitor.info(f"{n_mini} mini-clusters")
         seconds["finch"] = time.perf_counter() - clock
@@ -540,7 +571,7 @@ class SCDSC:
 
         clock = time.perf_counter()
         monitor.info("Pretraining the autoencoder…")
-        self._pretrain(autoencoder, scene, rng, monitor.stage(0.25, 0.40))
+        self._pretrain(autoencoder, scene, rng, monitor.stage(*stages["pretraining"]))
         seconds["pretraining"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -549,7 +580,7 @@ class SCDSC:
                               self.patch_size).to(device)
         with torch.no_grad():
             bases.kernels.copy_(self._initial_bases(autoencoder, scene, rng,
-                                                    monitor.stage(0.40, 0.45)))
+                                                    monitor.stage(*stages["initialisation"])))
         seconds["initialisation"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -559,7 +590,7 @@ class SCDSC:
         optimiser = torch.optim.Adam(
             list(autoencoder.parameters()) + list(bases.parameters()), lr=self.learning_rate
         )
-        training = monitor.stage(0.45, 0.95)
+        training = monitor.stage(*stages["training"])
         history: list[dict[str, float]] = []
         best_share, best_epoch = -1.0, 0
         best_state = None
@@ -589,8 +620,8 @@ class SCDSC:
         clock = time.perf_counter()
         monitor.info(f"Selected epoch {best_epoch} ({best_share:.1%} of pixels with max(s) > 0.9); "
                      "assigning every pixel…")
-        self._recalibrate_batchnorm(autoencoder, scene, monitor.stage(0.95, 0.97))
-        soft = self.assign(autoencoder, bases, scene, monitor.stage(0.97, 1.0))
+        self._recalibrate_batchnorm(autoencoder, scene, monitor.stage(*stages["recalibration"]))
+        soft = self.assign(autoencoder, bases, scene, monitor.stage(*stages["assignment"]))
         soft[~valid] = 0.0
         labels = np.where(valid, soft.argmax(axis=2) + 1, 0).astype(np.int32)
         seconds["assignment"] = time.perf_counter() - clock

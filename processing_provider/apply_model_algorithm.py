@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 from qgis.core import QgsProcessingParameterEnum, QgsProcessingParameterFile
 
+from engine.cluster_stats import cluster_statistics_from_counts
 from engine.device import DEVICE_CHOICES
 from engine.model_file import read_model_file
 from engine.ms2anet import ALGORITHM_NAME as MS2ANET
 from engine.ms2anet import MS2ANet, predict_raster
+from engine.raster_io import read_grid
 from engine.scdsc_model import ALGORITHM_NAME as SCDSC
 from engine.scdsc_model import apply_scdsc_model
-from processing_provider import outputs
+from processing_provider import outputs, styles
 from processing_provider.base import HSIAlgorithm, OutputFiles
 
 HELP = """
@@ -42,6 +45,8 @@ class ApplyModelAlgorithm(HSIAlgorithm):
     algorithm_id = "applymodel"
     display_name = "Apply clustering model"
     help_text = HELP
+    extra_tags = ("clustering", "model", "predict", "inference", "ms2a-net", "scdsc",
+                  "classification")
 
     def define_parameters(self) -> None:
         self.add_input_raster()
@@ -90,6 +95,14 @@ class ApplyModelAlgorithm(HSIAlgorithm):
             )
         monitor.check()
         outputs.paletted_style(label_path, n_clusters)
+        grid = read_grid(label_path)
+        counts = (list(summary.cluster_sizes) + [0] * n_clusters)[:n_clusters]
+        self.report_statistics(label_path, cluster_statistics_from_counts(
+            counts, grid.transform, grid.crs_wkt), feedback)
+        method = "MS2A-Net" if kind == MS2ANET else "SCDSC"
+        self.style_output(label_path, self.OUTPUT, styles.style_clusters(n_clusters),
+                          f"{method} clusters ({self.input_layer_name(parameters, context)}, "
+                          f"model {Path(model_path).stem})")
         monitor.progress(1.0)
         return {self.OUTPUT: label_path}
 

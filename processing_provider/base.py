@@ -9,6 +9,7 @@ removes every output already written when a run fails, so nothing half-written i
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,21 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
 )
 
+from engine.cluster_stats import ClusterStatistics, cluster_statistics
 from engine.device import DEVICE_CHOICES
 from engine.monitor import Cancelled, Monitor
 from engine.raster_io import RasterData, RasterGrid, read_raster, write_float_raster
-from processing_provider import outputs
+from processing_provider import outputs, styles
+
+# Tags of every algorithm (the toolbox search matches them); subclasses add their own.
+COMMON_TAGS = ("hsi", "hyperspectral", "multispectral", "unsupervised", "remote sensing",
+               "imagery", "hsi cluster")
+
+
+def reflow_html(text: str) -> str:
+    """Help HTML as one line: QGIS's help panel shows every newline of the source as a
+    paragraph gap, so only the HTML tags may structure the text."""
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def feedback_monitor(feedback: QgsProcessingFeedback | None) -> Monitor:
@@ -73,6 +85,7 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
     group_name = "Clustering"
     group_id = "clustering"
     help_text = ""
+    extra_tags: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- identity
     def name(self) -> str:
@@ -88,7 +101,10 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
         return self.group_id
 
     def shortHelpString(self) -> str:
-        return self.help_text
+        return reflow_html(self.help_text)
+
+    def tags(self) -> list[str]:
+        return list(dict.fromkeys((*COMMON_TAGS, *self.extra_tags)))
 
     def createInstance(self) -> QgsProcessingAlgorithm:
         return type(self)()
@@ -111,6 +127,7 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         monitor = feedback_monitor(feedback)
         written = OutputFiles()
+        self._styled_outputs = []
         try:
             return self.run_algorithm(parameters, context, feedback, monitor, written)
         except Cancelled:
@@ -124,6 +141,31 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
         except BaseException:
             written.remove_all()
             raise
+
+    # ---------------------------------------------------------------- loading the outputs
+    def style_output(self, key: str, output: str, style: styles.LayerStyle, name: str,
+                     move_to_bottom: bool = False) -> None:
+        """Give the layer ``key`` (an output path or layer URI) of output ``output`` the style
+        and layer name ``name`` if Processing loads it when the run completes (dialog, batch,
+        modeler, runAndLoadResults). Applied in :meth:`postProcessAlgorithm`, which runs in the
+        main thread with the context Processing loads the layers from."""
+        self._styled_outputs.append((key, output, style, name, move_to_bottom))
+
+    def postProcessAlgorithm(self, context: QgsProcessingContext,  # noqa: N802 - Qt naming
+                             feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        for key, output, style, name, move_to_bottom in getattr(self, "_styled_outputs", []):
+            definition = (self.parameterDefinition(output) or self.outputDefinition(output))
+            default_names = [output]
+            if definition is not None:
+                default_names.append(definition.description())
+            styles.style_on_load(context, key, style, name, default_names, move_to_bottom)
+        self._styled_outputs = []
+        return {}  # a non-empty dictionary would replace the results of processAlgorithm
+
+    def input_layer_name(self, parameters: dict, context: QgsProcessingContext) -> str:
+        """The input's layer name (a file's base name when it is no project layer)."""
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        return layer.name() if layer is not None else "input"
 
     # ---------------------------------------------------------------- parameter helpers
     def add_input_raster(self, description: str = "Input raster (multi- or hyperspectral)"):
@@ -210,12 +252,27 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
 
     # ---------------------------------------------------------------- writing
     def write_labels(self, path: str, labels: np.ndarray, grid: RasterGrid, n_classes: int,
-                     written: OutputFiles, class_name: str = "Cluster") -> str:
-        """Label raster (0 = nodata, 1..k) in the smallest unsigned type + a paletted QML."""
+                     written: OutputFiles, class_name: str = "Cluster",
+                     feedback: QgsProcessingFeedback | None = None) -> str:
+        """Label raster (0 = nodata, 1..k) in the smallest unsigned type + a paletted QML; the
+        per-cluster pixel counts and areas go to the log and the raster's metadata."""
         outputs.check_writable(path)
         written.add(path)
         outputs.write_label_raster_with_style(path, labels, grid, n_classes, class_name)
+        self.report_statistics(path, cluster_statistics(labels, n_classes, grid.transform,
+                                                        grid.crs_wkt), feedback, class_name)
         return path
+
+    def report_statistics(self, path: str, statistics: ClusterStatistics,
+                          feedback: QgsProcessingFeedback | None,
+                          class_name: str = "Cluster") -> None:
+        if feedback is not None:
+            feedback.pushInfo(f"Clusters ({statistics.total_pixels:,} pixels, one pixel = "
+                              f"{statistics.pixel_area:.6g} {statistics.area_unit}):")
+            for line in statistics.lines(class_name):
+                feedback.pushInfo("  " + line)
+        outputs.write_statistics_metadata(path, statistics,
+                                          {"ALGORITHM": f"hsicluster:{self.algorithm_id}"})
 
     def write_float_stack(self, path: str, bands: np.ndarray, valid: np.ndarray,
                           grid: RasterGrid, names: list[str], written: OutputFiles) -> str:

@@ -16,10 +16,12 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputNumber,
+    QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterField,
     QgsProcessingParameterMapLayer,
     QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterVectorLayer,
     QgsProject,
     QgsRasterLayer,
     QgsVectorLayer,
@@ -32,8 +34,10 @@ from engine.raster_io import RasterGrid, read_labels
 from processing_provider.base import HSIAlgorithm, OutputFiles
 
 HELP = """
-<p>Scores a cluster raster (0 = nodata, clusters 1..k) against reference labels: a label raster
-(0 = unlabelled) or a polygon layer with a class field (numeric codes or class names). Clusters
+<p>Scores a cluster raster (0 = nodata, clusters 1..k) against reference labels: give
+<i>either</i> a label raster (0 = unlabelled) as <i>Reference label raster</i> <i>or</i> a
+polygon layer as <i>Reference polygons</i> with its <i>Class field</i> (numeric codes or class
+names), not both. Clusters
 are matched to classes with the Hungarian algorithm before overall accuracy (OA), Cohen's kappa
 and per-class accuracy are computed; NMI and ARI need no matching. Only pixels that have both a
 reference label and a cluster are scored.</p>
@@ -43,6 +47,10 @@ polygons are reprojected to the raster's CRS and burnt in at pixel centres.</p>
 
 
 class EvaluateClusteringAlgorithm(HSIAlgorithm):
+    REFERENCE_RASTER = "REFERENCE_RASTER"
+    REFERENCE_POLYGONS = "REFERENCE_POLYGONS"
+    # Before the reference was split in two: a raster or a polygon layer. Kept, hidden (no
+    # widget is ever made for it), so scripts and qgis_process calls that pass it still run.
     REFERENCE = "REFERENCE"
     CLASS_FIELD = "CLASS_FIELD"
     OUTPUT_TABLE = "OUTPUT_TABLE"
@@ -52,17 +60,33 @@ class EvaluateClusteringAlgorithm(HSIAlgorithm):
     group_name = "Evaluation"
     group_id = "evaluation"
     help_text = HELP
+    extra_tags = ("evaluation", "accuracy", "validation", "clustering", "kappa", "nmi", "ari",
+                  "overall accuracy", "hungarian", "reference", "ground truth")
 
     def define_parameters(self) -> None:
+        # The class field's parent is a polygon-only parameter: QGIS's field widget fetches the
+        # fields of its parent's layer, and a raster there crashed QGIS (SIGSEGV in
+        # QgsProcessingFieldWidgetWrapper::setParentLayerWrapperValue). So the raster and the
+        # polygon reference are two parameters, exactly one of them given.
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Cluster raster"))
-        self.addParameter(QgsProcessingParameterMapLayer(
-            self.REFERENCE, "Reference labels (label raster or polygon layer)",
-            types=[QgsProcessing.TypeRaster, QgsProcessing.TypeVectorPolygon],
-        ))
-        self.addParameter(QgsProcessingParameterField(
-            self.CLASS_FIELD, "Class field (polygon reference only)", None, self.REFERENCE,
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.REFERENCE_RASTER, "Reference label raster (or give reference polygons)",
             optional=True,
         ))
+        self.addParameter(QgsProcessingParameterVectorLayer(
+            self.REFERENCE_POLYGONS, "Reference polygons (or give a reference label raster)",
+            types=[QgsProcessing.TypeVectorPolygon], optional=True,
+        ))
+        self.addParameter(QgsProcessingParameterField(
+            self.CLASS_FIELD, "Class field of the reference polygons", None,
+            self.REFERENCE_POLYGONS, optional=True,
+        ))
+        legacy = QgsProcessingParameterMapLayer(
+            self.REFERENCE, "Reference labels (deprecated: use the raster or polygon reference)",
+            optional=True, types=[QgsProcessing.TypeRaster, QgsProcessing.TypeVectorPolygon],
+        )
+        legacy.setFlags(legacy.flags() | QgsProcessingParameterDefinition.FlagHidden)
+        self.addParameter(legacy)
         self.addParameter(QgsProcessingParameterFeatureSink(
             self.OUTPUT_TABLE, "Per-class accuracy", QgsProcessing.TypeVector, optional=True,
             createByDefault=False,
@@ -72,13 +96,52 @@ class EvaluateClusteringAlgorithm(HSIAlgorithm):
                                   ("N_SCORED", "Scored pixels")):
             self.addOutput(QgsProcessingOutputNumber(name, description))
 
+    def _given(self, parameters: dict, name: str) -> bool:
+        return parameters.get(name) not in (None, "")
+
+    def reference_problem(self, parameters: dict, context) -> str | None:
+        """What is wrong with the reference parameters (None when they are fine)."""
+        given = [name for name in (self.REFERENCE_RASTER, self.REFERENCE_POLYGONS,
+                                   self.REFERENCE) if self._given(parameters, name)]
+        if not given:
+            return ("No reference given: choose a reference label raster or reference polygons "
+                    "(with their class field).")
+        if len(given) > 1:
+            return ("Give one reference, not both: a reference label raster or reference "
+                    f"polygons (got {' and '.join(given)}).")
+        if given == [self.REFERENCE_POLYGONS] and not self._given(parameters, self.CLASS_FIELD):
+            return ("Reference polygons need a class field: choose the field that holds the "
+                    "class of each polygon.")
+        return None
+
+    def checkParameterValues(self, parameters, context):  # noqa: N802 - Qt naming
+        ok, message = super().checkParameterValues(parameters, context)
+        if not ok:
+            return ok, message
+        problem = self.reference_problem(parameters, context)
+        return (False, problem) if problem else (True, "")
+
+    def _reference_layer(self, parameters: dict, context):
+        problem = self.reference_problem(parameters, context)
+        if problem:
+            raise QgsProcessingException(problem)
+        if self._given(parameters, self.REFERENCE_RASTER):
+            layer = self.parameterAsRasterLayer(parameters, self.REFERENCE_RASTER, context)
+        elif self._given(parameters, self.REFERENCE_POLYGONS):
+            layer = self.parameterAsVectorLayer(parameters, self.REFERENCE_POLYGONS, context)
+        else:
+            layer = self.parameterAsLayer(parameters, self.REFERENCE, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException(
+                "The reference layer cannot be opened: choose a label raster or a polygon layer "
+                "QGIS can read.")
+        return layer
+
     def run_algorithm(self, parameters, context, feedback, monitor,
                       written: OutputFiles) -> dict[str, Any]:
         cluster_path = self.input_raster_path(parameters, context)
         predicted, grid = read_labels(cluster_path)
-        reference_layer = self.parameterAsLayer(parameters, self.REFERENCE, context)
-        if reference_layer is None or not reference_layer.isValid():
-            raise QgsProcessingException("The reference layer cannot be opened.")
+        reference_layer = self._reference_layer(parameters, context)
         class_names: dict[int, str] = {}
         if isinstance(reference_layer, QgsRasterLayer):
             reference = _reference_raster_on_grid(reference_layer.source(), grid, feedback)

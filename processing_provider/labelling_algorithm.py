@@ -23,7 +23,7 @@ from qgis.core import (
 
 from engine.gnn import GNN_CHOICES
 from engine.graph_labelling import GraphLabelling
-from processing_provider import outputs
+from processing_provider import outputs, styles
 from processing_provider.base import HSIAlgorithm, OutputFiles
 from processing_provider.labelling_outputs import (
     CHIPS_LAYER,
@@ -164,8 +164,12 @@ class LabellingEmbeddingAlgorithm(HSIAlgorithm):
     display_name = "Build labelling embedding"
     group_name = "Labelling"
     group_id = "labelling"
+    extra_tags = ("labelling", "labeling", "annotation", "umap", "embedding", "graph",
+                  "gnn", "gcn", "gatv2", "u-net", "slic", "segments", "superpixels",
+                  "fuzzy c-means", "sentinel-2", "clustering")
 
-    def shortHelpString(self) -> str:  # noqa: N802 - Qt naming
+    @property
+    def help_text(self) -> str:  # the base class reflows it into shortHelpString
         return HELP.format(depth=_engine_default("unet_depth"),
                            width=_engine_default("unet_width"))
 
@@ -285,6 +289,13 @@ class LabellingEmbeddingAlgorithm(HSIAlgorithm):
                                    monitor.stage(0.9, 1.0))
         segments_uri, chips_uri = layer_uri(path, SEGMENTS_LAYER), layer_uri(path, CHIPS_LAYER)
         self._load_layers_on_completion(context, path, segments_uri, chips_uri)
+        source = self.input_layer_name(parameters, context)
+        self.style_output(segments_uri, self.SEGMENTS, styles.style_segments(),
+                          f"Segments ({source})")
+        self.style_output(chips_uri, self.CHIPS, styles.style_chips(), f"Chips ({source})")
+        # The image under the segments, in the colours SLIC saw, when the plugin adds it.
+        self._input_image = (raster.source_path, source,
+                             [raster.band_numbers[i] for i in rgb])
         return {self.SEGMENTS: segments_uri, self.CHIPS: chips_uri}
 
     def _load_layers_on_completion(self, context: QgsProcessingContext, path: str,
@@ -300,3 +311,37 @@ class LabellingEmbeddingAlgorithm(HSIAlgorithm):
             "Chips", details.project, self.CHIPS,
         )
         context.setLayersToLoadOnCompletion(layers)
+
+    def postProcessAlgorithm(self, context: QgsProcessingContext,  # noqa: N802 - Qt naming
+                             feedback) -> dict[str, Any]:
+        """Runs in the main thread: add the input image below the segments when the segments
+        are loaded and the image is not in the project yet."""
+        image = getattr(self, "_input_image", None)
+        self._input_image = None
+        if image is not None:
+            self._load_input_image(context, *image)
+        return super().postProcessAlgorithm(context, feedback)
+
+    def _load_input_image(self, context: QgsProcessingContext, source_path: str, name: str,
+                          rgb_bands: list[int]) -> None:
+        segments = [key for key in context.layersToLoadOnCompletion()
+                    if key.endswith(f"layername={SEGMENTS_LAYER}")]
+        if not segments:
+            return
+        project = context.layerToLoadOnCompletionDetails(segments[0]).project
+        if project is None or any(
+                _same_file(layer.source(), source_path) for layer in project.mapLayers().values()):
+            return
+        if context.willLoadLayerOnCompletion(source_path):
+            return
+        context.addLayerToLoadOnCompletion(source_path, QgsProcessingContext.LayerDetails(
+            name, project, self.INPUT))
+        self.style_output(source_path, self.INPUT, styles.style_image(rgb_bands), name,
+                          move_to_bottom=True)
+
+
+def _same_file(source: str, path: str) -> bool:
+    try:
+        return Path(source.split("|", 1)[0]).resolve() == Path(path).resolve()
+    except (OSError, ValueError):
+        return False

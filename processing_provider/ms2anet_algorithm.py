@@ -8,7 +8,7 @@ from qgis.core import QgsProcessingParameterFileDestination
 
 from engine.ms2anet import CODE_CHANNELS, MS2ANet
 from engine.raster_io import read_grid
-from processing_provider import outputs
+from processing_provider import outputs, styles
 from processing_provider.base import HSIAlgorithm, OutputFiles
 
 HELP = """
@@ -52,6 +52,8 @@ class MS2ANetClusteringAlgorithm(HSIAlgorithm):
     algorithm_id = "ms2anet"
     display_name = "MS2A-Net clustering"
     help_text = HELP
+    extra_tags = ("ms2a-net", "ms2anet", "clustering", "deep clustering", "autoencoder",
+                  "k-means", "classification", "segmentation")
 
     def define_parameters(self) -> None:
         self.add_input_raster()
@@ -106,14 +108,19 @@ class MS2ANetClusteringAlgorithm(HSIAlgorithm):
             + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in result.seconds.items())
         )
 
+        source = self.input_layer_name(parameters, context)
         results: dict[str, Any] = {}
         results[self.OUTPUT] = self.write_labels(label_path, result.labels, raster.grid,
-                                                 n_clusters, written)
+                                                 n_clusters, written, feedback=feedback)
+        self.style_output(label_path, self.OUTPUT, styles.style_clusters(n_clusters),
+                          f"MS2A-Net clusters ({source})")
         if features_path:
             results[self.OUTPUT_FEATURES] = self.write_float_stack(
                 features_path, result.features, raster.valid, raster.grid,
                 [f"MS2A-Net code {j}" for j in range(1, CODE_CHANNELS + 1)], written,
             )
+            self.style_output(features_path, self.OUTPUT_FEATURES, styles.style_image((1, 2, 3)),
+                              f"MS2A-Net code ({source})")
         monitor.check()
         if model_path:
             written.add(model_path)

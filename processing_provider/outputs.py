@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 from osgeo import gdal, ogr, osr
-from qgis.core import QgsPalettedRasterRenderer, QgsProcessingException, QgsRasterLayer
-from qgis.PyQt.QtGui import QColor
+from qgis.core import QgsProcessingException, QgsRasterLayer
 
-from engine.quicklook import default_palette
+from engine.cluster_stats import ClusterStatistics
 from engine.raster_io import RasterGrid, atomic_output, write_label_raster
 
 
@@ -31,15 +30,14 @@ def check_writable(path: str) -> None:
 
 
 def paletted_style(path: str, n_classes: int, class_name: str = "Cluster") -> Path:
-    """Write ``<raster>.qml`` (next to the raster, so QGIS applies it when the layer loads)."""
+    """Write ``<raster>.qml`` (next to the raster, so QGIS applies it when the layer is added by
+    hand; Processing applies the same style through :mod:`processing_provider.styles`)."""
+    from processing_provider.styles import cluster_renderer
+
     layer = QgsRasterLayer(path, Path(path).stem, "gdal")
     if not layer.isValid():
         raise QgsProcessingException(f"The written raster '{path}' cannot be opened by QGIS.")
-    classes = [
-        QgsPalettedRasterRenderer.Class(value, QColor(*rgb), f"{class_name} {value}")
-        for value, rgb in enumerate(default_palette(n_classes), start=1)
-    ]
-    layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
+    layer.setRenderer(cluster_renderer(layer, n_classes, class_name))
     style_path = Path(path).with_suffix(".qml")
     message, ok = layer.saveNamedStyle(str(style_path))
     if not ok:
@@ -51,6 +49,21 @@ def write_label_raster_with_style(path: str, labels: np.ndarray, grid: RasterGri
                                   n_classes: int, class_name: str = "Cluster") -> None:
     write_label_raster(path, labels, grid, n_classes)
     paletted_style(path, n_classes, class_name)
+
+
+def write_statistics_metadata(path: str, statistics: ClusterStatistics,
+                              extra: dict[str, str] | None = None) -> None:
+    """Per-cluster pixel counts and areas as GDAL metadata items of the raster (QGIS shows them
+    in Layer Properties > Information; ``gdalinfo`` lists them)."""
+    dataset = gdal.Open(str(path), gdal.GA_Update)
+    if dataset is None:
+        raise QgsProcessingException(f"Cannot open '{path}' to write its statistics: "
+                                     f"{gdal.GetLastErrorMsg()}")
+    items = {**(extra or {}), **statistics.metadata()}
+    for key, value in items.items():
+        dataset.SetMetadataItem(key, str(value))
+    dataset.FlushCache()
+    dataset = None
 
 
 def polygonize_labels(raster_path: str, gpkg_path: str, field_name: str = "cluster") -> int:

@@ -8,7 +8,7 @@ from qgis.core import QgsProcessingParameterEnum, QgsProcessingParameterFileDest
 
 from engine.scdsc import SCDSC
 from engine.scdsc_model import save_scdsc_model
-from processing_provider import outputs
+from processing_provider import outputs, styles
 from processing_provider.base import HSIAlgorithm, OutputFiles
 
 SMOOTHING_WINDOWS = (3, 7)
@@ -55,6 +55,8 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
     algorithm_id = "scdsc"
     display_name = "SCDSC clustering"
     help_text = HELP
+    extra_tags = ("scdsc", "clustering", "deep clustering", "subspace clustering",
+                  "autoencoder", "finch", "classification", "segmentation")
 
     def define_parameters(self) -> None:
         self.add_input_raster()
@@ -114,20 +116,29 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
             + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in result.seconds.items())
         )
 
+        source = self.input_layer_name(parameters, context)
         results: dict[str, Any] = {}
         results[self.OUTPUT] = self.write_labels(label_path, result.labels, raster.grid,
-                                                 n_clusters, written)
+                                                 n_clusters, written, feedback=feedback)
+        self.style_output(label_path, self.OUTPUT, styles.style_clusters(n_clusters),
+                          f"SCDSC clusters ({source})")
         if soft_path:
             results[self.OUTPUT_SOFT] = self.write_float_stack(
                 soft_path, result.soft_assignments, raster.valid, raster.grid,
                 [f"cluster {j} soft assignment" for j in range(1, n_clusters + 1)], written,
             )
+            self.style_output(soft_path, self.OUTPUT_SOFT,
+                              styles.style_soft_assignments(n_clusters),
+                              f"SCDSC soft assignments ({source})")
         monitor.check()
         if polygon_path:
             written.add(polygon_path)
             count = outputs.polygonize_labels(label_path, polygon_path)
             feedback.pushInfo(f"{count} cluster polygons written")
             results[self.OUTPUT_POLYGONS] = polygon_path
+            self.style_output(polygon_path, self.OUTPUT_POLYGONS,
+                              styles.style_cluster_polygons(n_clusters),
+                              f"SCDSC cluster polygons ({source})")
         if model_path:
             written.add(model_path)
             save_scdsc_model(model, model_path, raster.band_numbers,

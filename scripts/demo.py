@@ -178,7 +178,7 @@ def demo(args: argparse.Namespace) -> None:
 
     print("[4/4] evaluation against the truth via qgis_process", flush=True)
     evaluation = run_qgis_process(EVALUATE_ID, {
-        "INPUT": clusters_path, "REFERENCE": scene.truth_path,
+        "INPUT": clusters_path, "REFERENCE_RASTER": scene.truth_path,
     }, env)["results"]
     qgis_scores = {name: float(evaluation[name]) for name in ("OA", "NMI", "KAPPA")}
     engine_scores = {"OA": scores.overall_accuracy, "NMI": scores.nmi, "KAPPA": scores.kappa}

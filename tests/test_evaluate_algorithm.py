@@ -64,7 +64,7 @@ def test_perfect_clustering_against_truth_raster(scene: DemoScene, permuted_clus
                                                  processing_module) -> None:
     truth, _ = read_labels(scene.truth_path)
     results = _run(processing_module, {"INPUT": str(permuted_clusters),
-                                       "REFERENCE": str(scene.truth_path)})
+                                       "REFERENCE_RASTER": str(scene.truth_path)})
     assert results["OA"] == pytest.approx(1.0)
     assert results["NMI"] == pytest.approx(1.0)
     assert results["KAPPA"] == pytest.approx(1.0)
@@ -85,7 +85,8 @@ def test_imperfect_clustering_matches_engine_scores(scene: DemoScene, processing
     expected = score_clustering(truth, predicted)
     assert 0.7 < expected.overall_accuracy < 1.0
 
-    results = _run(processing_module, {"INPUT": str(path), "REFERENCE": str(scene.truth_path)})
+    results = _run(processing_module, {"INPUT": str(path),
+                                       "REFERENCE_RASTER": str(scene.truth_path)})
     assert results["OA"] == pytest.approx(expected.overall_accuracy)
     assert results["NMI"] == pytest.approx(expected.nmi)
     assert results["KAPPA"] == pytest.approx(expected.kappa)
@@ -192,7 +193,7 @@ def test_polygon_reference_in_another_crs(polygon_case: dict, processing_module,
     table_path = tmp_out / "per_class.gpkg"
     results = _run(processing_module, {
         "INPUT": str(polygon_case["clusters"]),
-        "REFERENCE": str(polygon_case["reference"]),
+        "REFERENCE_POLYGONS": str(polygon_case["reference"]),
         "CLASS_FIELD": "landcover",
         "OUTPUT_TABLE": str(table_path),
     })
@@ -222,7 +223,32 @@ def test_polygon_reference_needs_a_class_field(polygon_case: dict, processing_mo
 
     with pytest.raises(QgsProcessingException, match="class field"):
         _run(processing_module, {"INPUT": str(polygon_case["clusters"]),
-                                 "REFERENCE": str(polygon_case["reference"])})
+                                 "REFERENCE_POLYGONS": str(polygon_case["reference"])})
+
+
+def test_reference_is_exactly_one_of_raster_and_polygons(scene: DemoScene, polygon_case: dict,
+                                                         processing_module) -> None:
+    from qgis.core import QgsProcessingException
+
+    with pytest.raises(QgsProcessingException, match="No reference given"):
+        _run(processing_module, {"INPUT": str(polygon_case["clusters"])})
+    with pytest.raises(QgsProcessingException, match="Give one reference, not both"):
+        _run(processing_module, {"INPUT": str(polygon_case["clusters"]),
+                                 "REFERENCE_RASTER": str(scene.truth_path),
+                                 "REFERENCE_POLYGONS": str(polygon_case["reference"]),
+                                 "CLASS_FIELD": "landcover"})
+
+
+def test_legacy_reference_parameter_still_runs(scene: DemoScene, permuted_clusters: Path,
+                                               polygon_case: dict, processing_module) -> None:
+    """Scripts written before the reference was split pass REFERENCE (raster or polygons)."""
+    results = _run(processing_module, {"INPUT": str(permuted_clusters),
+                                       "REFERENCE": str(scene.truth_path)})
+    assert results["OA"] == pytest.approx(1.0)
+    results = _run(processing_module, {"INPUT": str(polygon_case["clusters"]),
+                                       "REFERENCE": str(polygon_case["reference"]),
+                                       "CLASS_FIELD": "landcover"})
+    assert results["OA"] == pytest.approx(EXPECTED_OA)
 
 
 # ------------------------------------------------------------------------------------ qgis_process
@@ -232,7 +258,8 @@ def test_qgis_process_json(scene: DemoScene, permuted_clusters: Path, run_qgis_p
                            polygon_case: dict) -> None:
     # qgis_process.bin 3.22 has --json (checked with `qgis_process.bin --help`).
     proc = run_qgis_process(["--json", "run", ALGORITHM_ID, "--",
-                             f"INPUT={permuted_clusters}", f"REFERENCE={scene.truth_path}"])
+                             f"INPUT={permuted_clusters}",
+                             f"REFERENCE_RASTER={scene.truth_path}"])
     results = json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
     truth, _ = read_labels(scene.truth_path)
     assert results["OA"] == pytest.approx(1.0)
@@ -243,7 +270,7 @@ def test_qgis_process_json(scene: DemoScene, permuted_clusters: Path, run_qgis_p
 
     proc = run_qgis_process(["--json", "run", ALGORITHM_ID, "--",
                              f"INPUT={polygon_case['clusters']}",
-                             f"REFERENCE={polygon_case['reference']}",
+                             f"REFERENCE_POLYGONS={polygon_case['reference']}",
                              "CLASS_FIELD=landcover"])
     results = json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
     assert results["OA"] == pytest.approx(EXPECTED_OA)

@@ -397,7 +397,9 @@ def test_both_layers_load_by_name(scene: DemoScene, processing_module, tmp_out: 
                           feedback=_feedback_class()())
     to_load = context.layersToLoadOnCompletion()
     segments_uri, chips_uri = f"{output}|layername=segments", f"{output}|layername=chips"
-    assert set(to_load) == {segments_uri, chips_uri}
+    # The input image comes along (it is not in the project) to show under the segments.
+    assert set(to_load) == {segments_uri, chips_uri, str(scene.cube_path)}
+    assert to_load[str(scene.cube_path)].outputName == "INPUT"
     assert to_load[chips_uri].outputName == "CHIPS"
     assert to_load[segments_uri].project is project
     assert _layer(output, "chips").featureCount() == 4

@@ -44,6 +44,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from processing_provider import segment_style
+
 from . import labelling
 from .colours import categorical_argb, is_categorical, palette_hex, ramp_argb
 from .export import ExportError, add_export_to_project, export_labelled_segments
@@ -829,6 +831,15 @@ class EmbeddingDock(QgsDockWidget):
             return
         self._recolour()
         self._refresh_legend()
+        self._restyle_map_layer()
+
+    def _restyle_map_layer(self) -> None:
+        """Keep the map in step with the labels: a segments layer styled by HSI Cluster (never a
+        style the user chose) fills each labelled segment in its label's colour."""
+        if self.layer is None or not segment_style.is_live(self.layer):
+            return
+        segment_style.apply_segments_style(
+            self.layer, [(label, colour) for label, colour, _ in self.label_counts()])
 
     def _reload_labels(self) -> None:
         """After a rollback the edit buffer is gone: read the label column again."""
