@@ -307,8 +307,10 @@ class LabellingEmbeddingAlgorithm(HSIAlgorithm):
         layers = context.layersToLoadOnCompletion()
         details = layers.pop(path)
         layers[segments_uri] = details
+        # Named like the CHIPS output, so that the name is replaced by "Chips (<input>)" in
+        # postProcessAlgorithm, as for every output that has QGIS's default name.
         layers[chips_uri] = QgsProcessingContext.LayerDetails(
-            "Chips", details.project, self.CHIPS,
+            self.CHIPS, details.project, self.CHIPS,
         )
         context.setLayersToLoadOnCompletion(layers)
 

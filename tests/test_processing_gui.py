@@ -358,6 +358,7 @@ def test_labelling_layers_show_the_image(scene: DemoScene, processing_module, pr
     assert unlabelled[0].symbol().symbolLayer(0).brushStyle() == 0  # Qt.NoBrush: outline only
     assert segment_style.is_live(segments)
 
+    assert _loaded(project, f"Chips ({name})").renderer().symbol().symbolLayer(0).brushStyle() == 0
     image = _loaded(project, name)
     assert isinstance(image.renderer(), QgsMultiBandColorRenderer)
     assert image.renderer().redBand() != image.renderer().blueBand()
