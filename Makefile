@@ -29,7 +29,7 @@ INSTALL_ARGS ?=
 export QT_QPA_PLATFORM := offscreen
 
 .PHONY: help setup system-deps test install package demo bench bench-clustering \
-        bench-memory bench-graph bench-dock lint clean distclean
+        bench-memory bench-graph bench-dock bench-worker lint clean distclean
 
 help:
 	@echo "make demo       install everything, install the plugin, run scripts/demo.py"
@@ -39,7 +39,8 @@ help:
 	@echo "                (INSTALL_ARGS='--link' to symlink, '--home DIR' for another HOME)"
 	@echo "make package    build dist/hsi_cluster.zip (Install from ZIP in QGIS)"
 	@echo "make bench      run every benchmark (bench-clustering BENCH_ARGS='...', bench-memory,"
-	@echo "                bench-graph, bench-dock); results in bench/results.jsonl, RESULTS.md"
+	@echo "                bench-graph, bench-dock, bench-worker); results in bench/results.jsonl,"
+	@echo "                RESULTS.md"
 	@echo "make lint       ruff check"
 	@echo "make clean      remove build/test outputs; 'make distclean' also removes .venv"
 
@@ -84,7 +85,7 @@ demo: setup install
 	QT_QPA_PLATFORM=offscreen $(PY) scripts/demo.py $(DEMO_ARGS)
 
 # Every benchmark appends to bench/results.jsonl; bench/RESULTS.md summarises them all.
-bench: bench-clustering bench-memory bench-graph bench-dock
+bench: bench-clustering bench-memory bench-graph bench-dock bench-worker
 	$(PY) -m bench.run_all --report-only > /dev/null
 
 bench-clustering: setup
@@ -101,6 +102,9 @@ bench-graph: setup
 
 bench-dock: setup
 	$(PY) -m bench.dock_bench
+
+bench-worker: setup
+	$(PY) -m bench.worker_overhead
 
 lint: setup
 	$(VENV)/bin/ruff check .

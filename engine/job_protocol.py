@@ -8,6 +8,7 @@ seed, device and thread count. The worker (``python -m engine.worker job.json``)
 ``{"event": "info", "message": "..."}`` / ``{"event": "warning", "message": "..."}``
 ``{"event": "result", "outputs": {"labels": "/path/clusters.tif"}, "figures": {...}}``
 ``{"event": "error", "kind": "input", "message": "for the user", "traceback": "for the log"}``
+``{"event": "ready"}`` (only with ``--preload``: imports done, waiting for the job on stdin)
 
 Error kinds: ``input`` (bad input, the message says what to do), ``job`` (the job document is
 malformed or names an unknown algorithm), ``cancelled``, ``memory`` and ``bug`` (any other
@@ -33,7 +34,8 @@ INFO = "info"
 WARNING = "warning"
 RESULT = "result"
 ERROR = "error"
-EVENTS = (PROGRESS, INFO, WARNING, RESULT, ERROR)
+READY = "ready"  # a worker started with --preload has imported its modules
+EVENTS = (PROGRESS, INFO, WARNING, RESULT, ERROR, READY)
 
 # Error kinds.
 KIND_INPUT = "input"

@@ -232,6 +232,16 @@ def register(algorithm: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
+# What a worker started ahead of time (``--preload``) should import for each algorithm: the
+# modules its handler imports, plus the ones imported lazily on first use that take seconds
+# (torch.optim's first optimizer imports torch._dynamo; MS2A-Net's k-means imports sklearn).
+PRELOAD_MODULES: dict[str, tuple[str, ...]] = {
+    "ms2anet": ("engine.ms2anet", "torch._dynamo", "sklearn.cluster"),
+    "applymodel": ("engine.ms2anet", "engine.scdsc_model", "engine.model_file"),
+    "selftest": (),
+}
+
+
 def set_torch_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -345,10 +355,8 @@ def run_ms2anet(context: JobContext) -> HandlerResult:
     """
     import rasterio
 
-    from engine.ms2anet import CODE_CHANNELS, MS2ANet
-    from engine.raster_io import read_grid, read_raster, write_float_raster, write_label_raster
+    from engine.raster_io import read_raster, write_float_raster, write_label_raster
 
-    set_torch_threads(context.job.threads)
     raster_path = context.input("raster")
     labels_path = context.output("labels")
     features_path = context.output("features", required=False)
@@ -359,15 +367,19 @@ def run_ms2anet(context: JobContext) -> HandlerResult:
     settings = {name: context.parameter(name) for name in
                 ("lam", "iterations", "learning_rate", "training_pixels")
                 if context.parameter(name) is not None}
-    model = MS2ANet(n_clusters=n_clusters, seed=context.job.seed, device=context.job.device,
-                    **settings)
     monitor = context.monitor
     context.stage("reading the raster")
+    # Read before importing torch: a bad input fails in a second, not after the torch import.
     raster = read_raster(raster_path, bands=context.parameter("bands") or None,
                          monitor=monitor.stage(0.0, 0.02))
-    read_grid(raster_path)
     with rasterio.open(raster_path) as dataset:
         source_band_count = dataset.count
+
+    from engine.ms2anet import CODE_CHANNELS, MS2ANet
+
+    set_torch_threads(context.job.threads)
+    model = MS2ANet(n_clusters=n_clusters, seed=context.job.seed, device=context.job.device,
+                    **settings)
     context.stage("training")
     result = model.fit(raster.cube, raster.valid, monitor.stage(0.02, 0.95),
                        band_numbers=raster.band_numbers, source_band_count=source_band_count,
@@ -534,11 +546,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="import MODULE first (it registers more handlers)")
     parser.add_argument("--stdin-control", action="store_true",
                         help="stdin is the caller's control channel: its end cancels the job")
+    parser.add_argument("--preload", action="append", default=[], metavar="MODULE",
+                        help="import MODULE before reading the job, then report 'ready': a "
+                             "worker started ahead of time (job from stdin) has its imports "
+                             "done when the job arrives")
     args = parser.parse_args(argv)
 
     events = EventWriter(isolate_stdout())
     flag = CancelFlag()
     install_signal_handlers(flag)
+    if args.preload:
+        for module in args.preload:
+            try:
+                importlib.import_module(module)
+            except Exception as error:  # the job will report it properly if it needs it
+                print(f"preloading {module} failed: {error}", file=sys.stderr)
+        events.emit(protocol.READY)
     try:
         job = read_job(args.job, sys.stdin)
     except JobError as error:

@@ -234,6 +234,8 @@ class WorkerRun:
             feedback.pushWarning(str(event.get("message", "")))
         elif kind == protocol.RESULT:
             self.result = event
+        elif kind == protocol.READY:
+            pass
         elif kind == protocol.ERROR:
             self.error = event
             trace = str(event.get("traceback") or "")

@@ -235,20 +235,21 @@ def test_selftest_imports_every_engine_package(tmp_path) -> None:
     assert figures["torch_threads"] == 1 and figures["gdal"]
 
 
-def test_selftest_names_a_package_that_does_not_import(tmp_path) -> None:
-    # A folder first on the path whose "hnswlib" raises on import, like a broken binary.
+@pytest.mark.parametrize("package", ["hnswlib", "torch"])
+def test_selftest_names_a_package_that_does_not_import(tmp_path, package) -> None:
+    # A folder first on the path whose package raises on import, like a broken binary.
     broken = tmp_path / "broken"
-    (broken / "hnswlib").mkdir(parents=True)
-    (broken / "hnswlib" / "__init__.py").write_text("raise OSError('libfoo.so: cannot open')\n")
+    (broken / package).mkdir(parents=True)
+    (broken / package / "__init__.py").write_text("raise OSError('libfoo.so: cannot open')\n")
     job = _write_job(tmp_path, {"algorithm": "selftest",
-                                "parameters": {"packages": ["numpy", "hnswlib"]}})
+                                "parameters": {"packages": ["numpy", package]}})
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(broken), str(REPO_ROOT)])
     proc = subprocess.run([sys.executable, "-m", "engine.worker", str(job)], env=env,
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     error = _last([protocol.parse_event(line) for line in proc.stdout.splitlines()], "error")
     assert proc.returncode == protocol.EXIT_ERROR and error["kind"] == "input"
-    assert "hnswlib (OSError: libfoo.so: cannot open)" in error["message"]
+    assert f"{package} (OSError: libfoo.so: cannot open)" in error["message"]
     assert "numpy" not in error["message"]
 
 
@@ -293,3 +294,19 @@ def test_input_error_of_a_real_handler_leaves_no_output(tmp_path) -> None:
         "algorithm": "ms2anet", "inputs": {"raster": "x.tif"},
         "outputs": {"labels": str(labels)}}))
     assert code == protocol.EXIT_BAD_JOB and "n_clusters" in _last(events, "error")["message"]
+
+
+def test_preloaded_worker_reports_ready_then_takes_the_job_from_stdin(tmp_path) -> None:
+    out = tmp_path / "out.txt"
+    process = start_worker(["-", "--stdin-control", "--preload", "engine.raster_io",
+                            *TEST_HANDLERS])
+    assert protocol.parse_event(process.stdout.readline()) == {"event": "ready"}
+    job = {"algorithm": "test.steps", "parameters": {"steps": 2}, "outputs": {"out": str(out)}}
+    process.stdin.write(json.dumps(job) + "\n")
+    process.stdin.flush()
+    events = []
+    for line in process.stdout:  # stdin stays open until the end: its end would cancel
+        events.append(protocol.parse_event(line))
+    code = process.wait(timeout=60)
+    process.stdin.close()
+    assert code == protocol.EXIT_OK and _last(events, "result")["outputs"] == {"out": str(out)}
