@@ -777,3 +777,128 @@ class Installer:
             raise
         if old:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- without QGIS
+
+
+def default_profile_dir(platform: str | None = None, environ: dict | None = None,
+                        home: str | None = None) -> str:
+    """QGIS 3's default profile folder, found without QGIS (for the command line)."""
+    platform = platform_name(platform)
+    environ = os.environ if environ is None else environ
+    home = home or os.path.expanduser("~")
+    paths = _paths(platform)
+    if platform == "windows":
+        base = environ.get("APPDATA") or paths.join(home, "AppData", "Roaming")
+    elif platform == "darwin":
+        base = paths.join(home, "Library", "Application Support")
+    else:
+        base = environ.get("XDG_DATA_HOME") or paths.join(home, ".local", "share")
+    return paths.join(base, "QGIS", "QGIS3", "profiles", "default")
+
+
+def setup_command(python: str = "") -> str:
+    """The command that sets the environment up without the dialog (e.g. for qgis_process)."""
+    python = python or ("py -3" if os.name == "nt" else "python3")
+    return f'{python} "{os.path.join(_PLUGIN_DIR, "environment.py")}" install'
+
+
+def missing_environment_message(search: WorkerPythonSearch, desktop: bool) -> str:
+    """What to tell a user who runs an algorithm before the environment exists."""
+    where = ("open Plugins ▸ HSI Cluster ▸ Set up Python environment…" if desktop
+             else f"run: {setup_command()}")
+    text = ("HSI Cluster's algorithms run in a Python environment of their own, and there is "
+            f"none yet. To create it (about {size_estimate_mb('cpu') / 1000:.1f} GB), {where}. "
+            f"To use an existing Python with the requirements installed, set {ENV_VAR_PYTHON}.")
+    explained = search.explain()
+    return f"{explained} {text}" if explained else text
+
+
+def _print_progress() -> Callable:
+    last = {"stage": "", "percent": -10}
+
+    def report(fraction: float, stage: str) -> None:
+        percent = int(100 * fraction)
+        if stage != last["stage"] or percent >= last["percent"] + 10:
+            print(f"[{percent:3d}%] {stage}", flush=True)
+            last.update(stage=stage, percent=percent)
+
+    return report
+
+
+def main(argv: list | None = None) -> int:
+    """``python environment.py where|install|remove``: the installer without QGIS."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="environment.py", description="HSI Cluster's Python environment, without QGIS.")
+    parser.add_argument("command", choices=("where", "install", "remove"))
+    parser.add_argument("--target", help="the environment folder (default: in QGIS's default "
+                                         "profile, where the plugin looks for it)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the CUDA build of PyTorch (needs an NVIDIA GPU)")
+    parser.add_argument("--python", help="the Python to build from (default: found)")
+    parser.add_argument("--requirements", help="requirements file (default: the plugin's)")
+    parser.add_argument("--constraints", default=None, help="constraints file")
+    parser.add_argument("--no-verify", action="store_true", help="skip the self-test")
+    args = parser.parse_args(argv)
+    root = _PLUGIN_DIR if os.path.isdir(os.path.join(_PLUGIN_DIR, "engine")) \
+        else os.path.dirname(_PLUGIN_DIR)
+    if root not in sys.path:
+        sys.path.insert(0, root)  # the engine's protocol module, for the self-test
+    target = args.target or os.path.join(default_profile_dir(), ENVIRONMENT_FOLDER,
+                                         ENVIRONMENT_NAME)
+    if args.command == "where":
+        search = find_worker_python("", dict(os.environ), target, _PLUGIN_DIR)
+        if search.found is None:
+            print(missing_environment_message(search, desktop=False))
+            return 1
+        print(f"{search.found.path} ({search.found.source})")
+        return 0
+    if args.command == "remove":
+        try:
+            removed = remove_environment(target)
+        except InstallError as error:
+            print(error)
+            return 1
+        print(f"removed {target}" if removed else f"there is no environment at {target}")
+        return 0
+    if args.gpu and not detect_nvidia_gpu():
+        print("--gpu: nvidia-smi finds no NVIDIA GPU; install the CPU build (without --gpu).")
+        return 1
+    if args.python:
+        chosen, rejected = choose_base_python([PythonCandidate(args.python, "--python")])
+    else:
+        chosen, rejected = choose_base_python(base_python_candidates(sys_executable=""))
+    if chosen is None:
+        for candidate, why in rejected:
+            print(f"{candidate.path}: {why}")
+        print(f"No Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}-{MAX_PYTHON[0]}.{MAX_PYTHON[1]} that "
+              "can make a venv was found; install one (python.org) or pass --python.")
+        return 1
+    if args.requirements:
+        requirements, constraints = args.requirements, args.constraints or ""
+    else:
+        requirements, constraints = requirement_files()
+    build = "gpu" if args.gpu else "cpu"
+    plan = InstallPlan(chosen.path, target, requirements, constraints, build,
+                       torch_index_url(build))
+    print(f"Installing the {build.upper()} build into {target} (about "
+          f"{plan.size_estimate_mb() / 1000:.1f} GB) from {chosen.path}", flush=True)
+    installer = Installer(plan, InstallOptions(verify=not args.no_verify),
+                          on_log=lambda text: print(text, flush=True),
+                          on_progress=_print_progress())
+    try:
+        installer.run()
+    except KeyboardInterrupt:
+        print("cancelled; nothing was changed")
+        return 1
+    except InstallError as error:
+        print(error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -374,3 +374,55 @@ def test_environment_module_is_qgis_side_code() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"torch", "numpy", "rasterio", "scipy", "sklearn", "osgeo"}
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def test_default_profile_dirs_without_qgis() -> None:
+    assert env_mod.default_profile_dir("linux", {}, "/home/ann") == \
+        "/home/ann/.local/share/QGIS/QGIS3/profiles/default"
+    assert env_mod.default_profile_dir("linux", {"XDG_DATA_HOME": "/data"}, "/home/ann") == \
+        "/data/QGIS/QGIS3/profiles/default"
+    assert env_mod.default_profile_dir("darwin", {}, "/Users/ann") == \
+        "/Users/ann/Library/Application Support/QGIS/QGIS3/profiles/default"
+    assert env_mod.default_profile_dir("win32", {"APPDATA": r"C:\Users\ann\AppData\Roaming"},
+                                       r"C:\Users\ann") == \
+        r"C:\Users\ann\AppData\Roaming\QGIS\QGIS3\profiles\default"
+
+
+def test_missing_environment_message_says_how_to_create_it() -> None:
+    search = env_mod.WorkerPythonSearch(found=None, rejected=[
+        (env_mod.PythonCandidate("/gone/python", env_mod.ENV_VAR_PYTHON), "does not exist")])
+    headless = env_mod.missing_environment_message(search, desktop=False)
+    assert headless.startswith("HSI_CLUSTER_PYTHON names '/gone/python', which does not exist.")
+    assert 'environment.py" install' in headless and "1.8 GB" in headless
+    desktop = env_mod.missing_environment_message(env_mod.WorkerPythonSearch(None), True)
+    assert "Plugins ▸ HSI Cluster ▸ Set up Python environment…" in desktop
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "hsi_cluster_plugin" / "environment.py"), *args],
+        capture_output=True, text=True, timeout=600, env=env, cwd="/")
+
+
+def test_command_line_where_install_remove(tmp_path) -> None:
+    env = dict(os.environ, HSI_CLUSTER_PYTHON=sys.executable)
+    where = _cli("where", env=env)
+    assert where.returncode == 0 and where.stdout.strip() == \
+        f"{sys.executable} (HSI_CLUSTER_PYTHON)"
+
+    tiny = tmp_path / "requirements.txt"
+    tiny.write_text("psutil>=5.9\n")
+    target = tmp_path / "env"
+    env = dict(os.environ, HSI_CLUSTER_TORCH_INDEX_URL="")
+    done = _cli("install", "--target", str(target), "--requirements", str(tiny),
+                "--no-verify", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[100%] Done" in done.stdout and "The environment is ready" in done.stdout
+    assert env_mod.read_marker(str(target))["build"] == "cpu"
+    assert _cli("where", "--target", str(target), env=dict(os.environ)).stdout.startswith(
+        env_mod.venv_python(str(target)))
+    removed = _cli("remove", "--target", str(target))
+    assert removed.returncode == 0 and not target.exists()
