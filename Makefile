@@ -29,7 +29,7 @@ INSTALL_ARGS ?=
 export QT_QPA_PLATFORM := offscreen
 
 .PHONY: help setup system-deps test install package demo bench bench-clustering \
-        bench-memory bench-graph bench-dock bench-worker lint clean distclean
+        bench-accuracy bench-memory bench-graph bench-dock bench-worker lint clean distclean
 
 help:
 	@echo "make demo       install everything, install the plugin, run scripts/demo.py"
@@ -41,6 +41,8 @@ help:
 	@echo "make bench      run every benchmark (bench-clustering BENCH_ARGS='...', bench-memory,"
 	@echo "                bench-graph, bench-dock, bench-worker); results in bench/results.jsonl,"
 	@echo "                RESULTS.md"
+	@echo "make bench-accuracy  SCDSC and MS2A-Net (adaptive and paper settings) vs k-means,"
+	@echo "                3 seeds, demo scene + ../shared/data -> bench/ACCURACY.md"
 	@echo "make lint       ruff check"
 	@echo "make clean      remove build/test outputs; 'make distclean' also removes .venv"
 
@@ -91,6 +93,11 @@ bench: bench-clustering bench-memory bench-graph bench-dock bench-worker
 bench-clustering: setup
 	$(PY) -m bench.run_all $(BENCH_ARGS)
 	$(PY) -m bench.spatial_context
+
+# Both deep methods in both settings against k-means on the standardised spectra, 3 seeds, on the
+# demo scene and ../shared/data; e.g. BENCH_ARGS='--settings adaptive --scenes demo'.
+bench-accuracy: setup
+	$(PY) -m bench.accuracy $(BENCH_ARGS)
 
 bench-memory: setup
 	$(PY) -m bench.ms2anet_memory

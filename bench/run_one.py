@@ -22,10 +22,28 @@ sys.path.insert(0, str(REPO))
 
 from engine.metrics import score_clustering  # noqa: E402
 from engine.preprocessing import standardised_pca_pixels  # noqa: E402
-from engine.raster_io import read_labels, read_raster  # noqa: E402
+from engine.raster_io import pixel_size_metres, read_labels, read_raster  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
-N_CLASSES = {"jasper_ridge": 4, "enmap_potsdam": 6, "s2_aberystwyth": 4}
+# "demo" is the project's own synthetic scene (engine.demo_scene defaults, generated on the fly).
+N_CLASSES = {"jasper_ridge": 4, "enmap_potsdam": 6, "s2_aberystwyth": 4, "demo": 5}
+
+
+def load_scene(scene: str):
+    """(raster, truth) of a shared-data scene, or of the demo scene written to a temp folder."""
+    if scene == "demo":
+        import tempfile
+
+        from engine.demo_scene import make_demo_scene
+
+        with tempfile.TemporaryDirectory() as folder:
+            demo = make_demo_scene(folder)
+            raster = read_raster(demo.cube_path)
+            truth, _ = read_labels(demo.truth_path)
+        return raster, truth
+    raster = read_raster(DATA / scene / "cube.tif")
+    truth, _ = read_labels(DATA / scene / "labels.tif")
+    return raster, truth
 
 
 def standardised_bands(pixels: np.ndarray) -> np.ndarray:
@@ -44,7 +62,7 @@ BASELINE_FEATURES = {
 
 
 def cluster(method: str, cube: np.ndarray, valid: np.ndarray, k: int, seed: int,
-            settings: dict) -> tuple[np.ndarray, dict]:
+            settings: dict, pixel_size_m: float | None = None) -> tuple[np.ndarray, dict]:
     if method in BASELINE_FEATURES:
         from sklearn.cluster import KMeans
 
@@ -54,10 +72,22 @@ def cluster(method: str, cube: np.ndarray, valid: np.ndarray, k: int, seed: int,
         labels[valid] = assignment + 1
         return labels, {}
     if method == "scdsc":
+        import os
+
+        import torch
+
         from engine.scdsc import SCDSC
 
-        result = SCDSC(n_clusters=k, seed=seed, **settings).fit(cube, valid)
+        threads = int(os.environ.get("BENCH_TORCH_THREADS", torch.get_num_threads()))
+        torch.set_num_threads(threads)
+        estimator = SCDSC(n_clusters=k, seed=seed, **settings)
+        result = estimator.fit(cube, valid, pixel_size_m=pixel_size_m)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         return result.labels, {"selected_epoch": result.selected_epoch,
+                               "context_scale": estimator.context_scale_,
+                               "input_components": estimator.n_components_,
+                               "torch_threads": threads,
+                               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                                "stage_seconds": {k: round(v, 1) for k, v in
                                                  result.seconds.items()}}
     if method == "ms2anet":
@@ -94,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    raster = read_raster(DATA / args.scene / "cube.tif")
-    truth, _ = read_labels(DATA / args.scene / "labels.tif")
+    raster, truth = load_scene(args.scene)
     cube, valid = raster.cube, raster.valid
     if args.crop:
         rows, cols = args.crop
         cube, valid, truth = cube[:rows, :cols], valid[:rows, :cols], truth[:rows, :cols]
     labels, extra = cluster(args.method, cube, valid, N_CLASSES[args.scene], args.seed,
-                            json.loads(args.settings))
+                            json.loads(args.settings),
+                            pixel_size_metres(raster.crs_wkt, raster.transform, raster.height))
     seconds = time.perf_counter() - started
     scores = score_clustering(truth, labels)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import engine.scdsc as scdsc_module  # noqa: E402
 from bench.run_one import N_CLASSES  # noqa: E402
 from engine.metrics import score_clustering  # noqa: E402
-from engine.raster_io import read_labels, read_raster  # noqa: E402
+from engine.raster_io import pixel_size_metres, read_labels, read_raster  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 REPORTED_EPOCHS = (0, 1, 5, 10, 25, 50, 100, 200, 300)
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = json.loads(args.settings)
     started = time.perf_counter()
     result = TracedSCDSC(n_clusters=N_CLASSES[args.scene], seed=args.seed,
-                         **settings).fit(raster.cube, raster.valid)
+                         **settings).fit(raster.cube, raster.valid, pixel_size_m=pixel_size_metres(
+                             raster.crs_wkt, raster.transform, raster.height))
     epochs = [e for e in (*REPORTED_EPOCHS, len(epoch_labels) - 1) if 0 <= e < len(epoch_labels)]
     print(json.dumps({
         "scene": args.scene, "seed": args.seed, "settings": settings,

@@ -78,12 +78,15 @@ def patch_pca_features(
     seed: int = 0,
     monitor: Monitor | None = None,
     device: str = "cpu",
+    standardise: bool = True,
 ) -> np.ndarray:
     """(n_valid, k) float32 L2-normalised patch-PCA features, rows in row-major valid order.
 
     ``image`` is (H, W, C); ``valid`` is (H, W) bool. ``n_components=None`` uses
     :func:`default_n_components`; any request is capped at what the sample supports
-    (``min(C * P * P, sample - 1)``). Borders are reflect-padded.
+    (``min(C * P * P, sample - 1)``). Borders are reflect-padded. ``standardise=False`` only
+    centres the patch dimensions (the reference z-scores each one, which gives a low-variance
+    band as much weight as a high-variance one) and keeps the image's own band scaling.
     """
     image, valid = _check_inputs(image, valid, patch_size)
     n_valid = int(valid.sum())
@@ -93,7 +96,7 @@ def patch_pca_features(
     if requested < 1:
         raise ValueError(f"n_components must be >= 1, got {requested}")
 
-    padded = padded_standardised_image(image, valid, patch_size)
+    padded = padded_standardised_image(image, valid, patch_size, standardise)
     sample_pixels = sample_pixel_indices(valid, sample_size, seed)
     sample = extract_patches(padded, sample_pixels, patch_size)
     n_dims = sample.shape[1]
@@ -103,7 +106,7 @@ def patch_pca_features(
             monitor.warn(f"patch PCA: {requested} components requested, the sample supports {k}")
         monitor.progress(0.05)
 
-    projection = fit_patch_projection(sample, k, image.shape[2], patch_size)
+    projection = fit_patch_projection(sample, k, image.shape[2], patch_size, standardise)
     del sample
     if monitor is not None:
         explained = float(projection.explained_variance_ratio.sum())
@@ -128,7 +131,8 @@ def _check_inputs(
     return image, valid
 
 
-def padded_standardised_image(image: np.ndarray, valid: np.ndarray, patch_size: int) -> np.ndarray:
+def padded_standardised_image(image: np.ndarray, valid: np.ndarray, patch_size: int,
+                              standardise: bool = True) -> np.ndarray:
     """(C, H + P - 1, W + P - 1) float32: per-band z-scored over valid pixels, nodata = 0.
 
     Nodata (and non-finite values) become 0 *after* the per-band z-score, i.e. the band mean of
@@ -142,7 +146,7 @@ def padded_standardised_image(image: np.ndarray, valid: np.ndarray, patch_size: 
     pixels = image[usable].astype(np.float64)
     mean = pixels.mean(axis=0) if pixels.size else np.zeros(image.shape[2])
     std = pixels.std(axis=0) if pixels.size else np.ones(image.shape[2])
-    std = np.where(std > 0, std, 1.0)
+    std = np.where(std > 0, std, 1.0) if standardise else np.ones_like(mean)
     standardised = ((image - mean) / std).astype(np.float32)
     standardised[~usable] = 0.0
     half = patch_size // 2
@@ -172,7 +176,8 @@ def extract_patches(padded: np.ndarray, flat_pixels: np.ndarray, patch_size: int
 
 
 def fit_patch_projection(
-    sample: np.ndarray, n_components: int, n_channels: int, patch_size: int
+    sample: np.ndarray, n_components: int, n_channels: int, patch_size: int,
+    standardise: bool = True,
 ) -> PatchProjection:
     """Per-dimension z-score + PCA of the sample, expressed as conv kernels and biases.
 
@@ -184,7 +189,7 @@ def fit_patch_projection(
     std = sample.std(axis=0, dtype=np.float64)
     # Constant dimensions (e.g. a band that is 0 everywhere) carry no information: scale 1 keeps
     # them at 0 after centring instead of dividing by zero.
-    std = np.where(std > 1e-12, std, 1.0)
+    std = np.where(std > 1e-12, std, 1.0) if standardise else np.ones_like(mean)
     standardised = (sample - mean.astype(np.float32)) / std.astype(np.float32)
     covariance = (standardised.T @ standardised).astype(np.float64)
     covariance /= max(standardised.shape[0] - 1, 1)

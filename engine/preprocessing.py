@@ -67,7 +67,13 @@ class PCAProjection:
 
 @dataclass(frozen=True)
 class SpectralPreprocessing:
-    """The reference SCDSC input: standardise bands, PCA, then standardise the components.
+    """SCDSC's input: standardise bands, PCA, then scale the components.
+
+    ``whiten=True`` is the reference: every component is standardised on its own, so the 8th
+    component weighs as much as the 1st. ``whiten=False`` divides all components by one common
+    scale (their root mean variance), which keeps the Euclidean geometry of the standardised
+    spectra (distances shrink by one factor) instead of inflating the low-variance, mostly noisy
+    components.
 
     Kept as fitted statistics (not only applied once) so that a saved model transforms another
     raster exactly as it transformed its training scene.
@@ -78,11 +84,16 @@ class SpectralPreprocessing:
     components: BandStandardiser
 
     @classmethod
-    def fit(cls, pixels: np.ndarray, n_components: int) -> SpectralPreprocessing:
+    def fit(cls, pixels: np.ndarray, n_components: int,
+            whiten: bool = True) -> SpectralPreprocessing:
         bands = BandStandardiser.fit(pixels)
         standardised = bands.transform(pixels)
         pca = PCAProjection.fit(standardised, n_components)
         components = BandStandardiser.fit(pca.transform(standardised))
+        if not whiten:
+            common = float(np.sqrt(np.mean(components.std.astype(np.float64) ** 2)))
+            components = BandStandardiser(
+                mean=components.mean, std=np.full_like(components.std, max(common, 1e-12)))
         return cls(bands=bands, pca=pca, components=components)
 
     def transform(self, pixels: np.ndarray) -> np.ndarray:
@@ -107,6 +118,15 @@ class SpectralPreprocessing:
                               array("pca_explained_variance_ratio")),
             components=BandStandardiser(array("component_mean"), array("component_std")),
         )
+
+
+def variance_preserving_components(pixels: np.ndarray, minimum: int, share: float) -> int:
+    """Fewest principal components of the standardised ``pixels`` that keep ``share`` of their
+    variance, at least ``minimum`` (and at most the band count)."""
+    standardised = BandStandardiser.fit(pixels).transform(pixels)
+    ratio = PCAProjection.fit(standardised, standardised.shape[1]).explained_variance_ratio
+    needed = int(np.searchsorted(np.cumsum(ratio), share - 1e-9) + 1)
+    return int(min(standardised.shape[1], max(minimum, needed)))
 
 
 def standardised_pca_pixels(pixels: np.ndarray, n_components: int) -> np.ndarray:

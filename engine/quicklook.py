@@ -133,3 +133,39 @@ def write_label_quicklook(
         with rasterio.open(png_path, "w", **profile) as dataset:
             dataset.write(bands)
     return png_path
+
+
+def write_panels_quicklook(
+    panels: list[tuple[np.ndarray, list[Rgb] | None]],
+    png_path: str | Path,
+    gap: int = 6,
+    gap_rgb: Rgb = (255, 255, 255),
+) -> Path:
+    """Write label maps of one shape side by side (left to right) as one RGB PNG.
+
+    ``panels`` holds (labels, palette) pairs, coloured as :func:`colourise_labels` does; the
+    panels are separated by ``gap`` columns of ``gap_rgb``.
+    """
+    if not panels:
+        raise ValueError("no panel to write")
+    shapes = {np.asarray(labels).shape for labels, _ in panels}
+    if len(shapes) != 1:
+        raise ValueError(f"panels must have one shape; got {sorted(shapes)}")
+    height = next(iter(shapes))[0]
+    separator = np.empty((3, height, gap), dtype=np.uint8)
+    separator[:] = np.array(gap_rgb, dtype=np.uint8)[:, None, None]
+    pieces = []
+    for index, (labels, palette) in enumerate(panels):
+        if index:
+            pieces.append(separator)
+        pieces.append(colourise_labels(labels, palette))
+    rgb = np.concatenate(pieces, axis=2)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {"driver": "PNG", "width": rgb.shape[2], "height": rgb.shape[1], "count": 3,
+               "dtype": "uint8"}
+    with rasterio.Env(GDAL_PAM_ENABLED="NO"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(png_path, "w", **profile) as dataset:
+            dataset.write(rgb)
+    return png_path

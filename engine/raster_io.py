@@ -300,3 +300,30 @@ def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, RasterGrid]:
         result[labels == nodata] = 0
     result[result < 0] = 0
     return result, grid
+
+
+def pixel_size_metres(crs_wkt: str | None, transform: Affine, height: int = 0) -> float | None:
+    """Ground size of a pixel in metres (geometric mean of its sides), None when unknown.
+
+    Projected CRS: the transform's units times the CRS's linear unit. Geographic CRS: degrees
+    converted at the latitude of the raster's centre row. No CRS: None.
+    """
+    if not crs_wkt:
+        return None
+    try:
+        crs = rasterio.crs.CRS.from_wkt(crs_wkt)
+    except (rasterio.errors.CRSError, ValueError):
+        return None
+    width_units, height_units = abs(transform.a), abs(transform.e)
+    if width_units <= 0 or height_units <= 0:
+        return None
+    if crs.is_projected:
+        factor = crs.linear_units_factor[1]
+        return float(np.sqrt(width_units * height_units) * factor)
+    if crs.is_geographic:
+        latitude = transform.f + transform.e * height / 2.0
+        metres_per_degree = 111_320.0
+        east = width_units * metres_per_degree * np.cos(np.radians(latitude))
+        north = height_units * metres_per_degree
+        return float(np.sqrt(max(east, 0.0) * north)) or None
+    return None

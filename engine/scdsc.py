@@ -1,7 +1,43 @@
 """SCDSC: scalable context-preserving deep subspace clustering (Remote Sensing 2025).
 
-Spec: ../shared/papers/scdsc-deep-subspace-clustering-2025.txt, sections 3-4, and the facts about
-the authors' reference code in ../shared/docs/method-notes.md.
+Li, X. et al., Remote Sensing 17(24), 4030, 2025, doi:10.3390/rs17244030, sections 3-4, and the
+facts about the authors' reference code in the project's method notes.
+
+Two settings
+------------
+``setting="paper"`` is the published configuration: bands standardised, 8 principal components
+each standardised (whitened), a 7x7 latent patch, a 7x7 box smoothing of the soft assignments,
+FINCH on 17x17 patches, k-means on the latent codes to initialise the bases, DEC's refined target.
+
+``setting="adaptive"`` (the default) keeps the paper's model (the autoencoder, subspace bases,
+soft assignment, mini-cluster and smoothing KL terms, basis constraint, epoch selection) and
+changes what the paper fixed for its 1-2.5 m airborne scenes, because those choices do not carry
+over to other sensors (evidence: bench/ACCURACY.md and the notes of issue 13):
+
+* Input: principal components of the standardised bands that keep 99.9% of their variance (at
+  least 8; all bands of a multispectral sensor), divided by one common scale instead of each by
+  its own (``engine.preprocessing.SpectralPreprocessing``, ``whiten=False``). Whitening gives the
+  8th, mostly noisy, component the weight of the 1st: k-means on the whitened 8 components of
+  s2_aberystwyth scores NMI 0.668 against 0.840 on the standardised bands, enmap_potsdam 0.257
+  against 0.390. FINCH's patch features are then only centred, not z-scored per dimension.
+* Context scale from the scene (``engine.scene_context.choose_context_scale``): the latent patch,
+  the smoothing window and the FINCH patch are one window, 1x1 up to the paper's 7x7, the
+  largest whose corner neighbours are at most twice as dissimilar (median semivariance) as
+  adjacent pixels. The choice and its evidence are written to the run's log.
+* Edge-respecting context (``engine.scene_context``): in the smoothing term a neighbour counts
+  with the weight exp(-||x_p - x_q||^2 / 2h^2) of its spectral distance, h^2 the median squared
+  distance of adjacent pixels (no tuned constant), so a two-pixel road is not averaged into the
+  fields around it; the FINCH mini-clusters are built on the input smoothed with the same
+  weights.
+* Initial partition from the input: the k-means that splits the sampled pixels before the
+  per-cluster SVD runs on their (edge-aware smoothed) input spectra instead of their latent
+  codes; the bases are still the top singular directions of each part's codes.
+* Refined target with a size prior (:func:`refined_target`): DEC's division by the cluster
+  frequency pulls every cluster towards 1/k; on a whole scene with flat initial assignments this
+  grows a 7.5 % road class to a quarter of Jasper Ridge. The adaptive target multiplies by the
+  cluster shares at the start of joint training, so the division pulls each cluster back to its
+  own initial share instead (a uniform prior gives DEC's target exactly). Dropping the division
+  instead lets clusters die (issue 2's notes).
 
 How this implementation differs from the reference, and why
 ---------------------------------------------------------
@@ -47,7 +83,18 @@ from engine.device import resolve_device, seed_everything
 from engine.finch import mini_clusters
 from engine.monitor import Monitor, silent
 from engine.patch_features import patch_pca_features
-from engine.preprocessing import SpectralPreprocessing, pixels_to_image
+from engine.preprocessing import (
+    SpectralPreprocessing,
+    pixels_to_image,
+    variance_preserving_components,
+)
+from engine.scene_context import (
+    choose_context_scale,
+    edge_aware_smoothing,
+    neighbour_bandwidth,
+    spectral_neighbour_weights,
+    weighted_neighbour_mean,
+)
 
 # Two 3x3 convolutions in the encoder: a feature is exact (no zero padding effect) only this far
 # inside a tile, so tiles carry this much extra context.
@@ -71,10 +118,20 @@ def soft_assignment(affinity: torch.Tensor, eta: float, basis_dim: int) -> torch
     return unnormalised / unnormalised.sum(dim=1, keepdim=True)
 
 
-def refined_target(assignment: torch.Tensor) -> torch.Tensor:
-    """DEC-style sharpened target: w = s^2 / column_sum(s), rows normalised."""
-    weights = assignment.pow(2) / assignment.sum(dim=0, keepdim=True).clamp_min(1e-12)
-    return weights / weights.sum(dim=1, keepdim=True)
+def refined_target(assignment: torch.Tensor, size_prior: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """DEC-style sharpened target: w = s^2 / column_sum(s), rows normalised.
+
+    With ``size_prior`` (k shares summing to 1) the columns are w = s^2 * prior_j / f_j, f_j the
+    share of column j in ``assignment``: the division by f_j no longer pulls every cluster to
+    1/k, it pulls cluster j back to its prior share (a cluster below it is boosted, one above it
+    damped) while s^2 sharpens. A uniform prior is the paper's target exactly.
+    """
+    frequency = assignment.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    weights = assignment.pow(2) / frequency
+    if size_prior is not None:
+        weights = weights * size_prior.reshape(1, -1)
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def kl_divergence(target: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
@@ -163,10 +220,13 @@ class SubspaceBases(nn.Module):
         self.kernels = nn.Parameter(
             torch.zeros(n_clusters * basis_dim, latent_channels, patch_size, patch_size)
         )
+        # Per-channel mean of the latent codes, subtracted before projecting (adaptive setting;
+        # zero, i.e. the paper's uncentred codes, otherwise).
+        self.register_buffer("code_centre", torch.zeros(latent_channels))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """z^T D for every pixel whose full patch lies inside ``features`` (valid convolution)."""
-        return F.conv2d(features, self.kernels)
+        return F.conv2d(features - self.code_centre.view(1, -1, 1, 1), self.kernels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +281,24 @@ class _SceneTensors:
     pad: int
 
 
+PAPER_COMPONENTS = 8
+# Share of the standardised spectra's variance the adaptive input keeps (at least 8 components).
+VARIANCE_KEPT = 0.999
+# Settings: "paper" is the published configuration; "adaptive" (the default) chooses input and
+# context from the scene, see the module docstring. Values: "auto" = from the scene's pixels,
+# "scale" / "2scale+1" = from the context scale.
+SETTINGS: dict[str, dict] = {
+    "paper": {"n_components": PAPER_COMPONENTS, "whiten_input": True, "context_scale": None,
+              "patch_size": 7, "smoothing_window": 7, "finch_patch_size": 17,
+              "context_weighting": "box", "target": "paper", "init_partition": "codes",
+              "centre_codes": False},
+    "adaptive": {"n_components": "auto", "whiten_input": False, "context_scale": "auto",
+                 "patch_size": "scale", "smoothing_window": "scale",
+                 "finch_patch_size": "scale", "context_weighting": "spectral",
+                 "target": "size_prior", "init_partition": "spectra", "centre_codes": False},
+}
+
+
 class SCDSC:
     """Scalable context-preserving deep subspace clustering, scikit-learn style.
 
@@ -231,9 +309,16 @@ class SCDSC:
         self,
         n_clusters: int,
         *,
-        n_components: int = 8,
-        patch_size: int = 7,
-        smoothing_window: int = 7,
+        setting: str = "adaptive",
+        n_components: int | None = None,
+        whiten_input: bool | None = None,
+        context_scale: int | None = None,
+        patch_size: int | None = None,
+        smoothing_window: int | None = None,
+        context_weighting: str | None = None,
+        target: str | None = None,
+        init_partition: str | None = None,
+        centre_codes: bool | None = None,
         beta: float = 1e-3,
         beta1: float = 3.0,
         beta2: float = 1.0,
@@ -248,7 +333,7 @@ class SCDSC:
         batch_pixels: int = 262_144,
         training_tile: int = 128,
         inference_tile: int = 512,
-        finch_patch_size: int = 17,
+        finch_patch_size: int | None = None,
         finch_components: int = 300,
         finch_partition: int = 1,
         init_sample: int = 20_000,
@@ -256,10 +341,20 @@ class SCDSC:
         seed: int = 0,
         device: str = "auto",
     ):
+        if setting not in SETTINGS:
+            raise ValueError(f"Unknown SCDSC setting '{setting}'; choose one of "
+                             f"{', '.join(SETTINGS)}.")
         self.n_clusters = n_clusters
+        self.setting = setting
         self.n_components = n_components
+        self.whiten_input = whiten_input
+        self.context_scale = context_scale
         self.patch_size = patch_size
         self.smoothing_window = smoothing_window
+        self.context_weighting = context_weighting
+        self.target = target
+        self.init_partition = init_partition
+        self.centre_codes = centre_codes
         self.beta = beta
         self.beta1 = beta1
         self.beta2 = beta2
@@ -281,9 +376,57 @@ class SCDSC:
         self.kmeans_n_init = kmeans_n_init
         self.seed = seed
         self.device = device
+        # Settings that do not depend on the scene are resolved now (explicit values win over
+        # the setting's); the scene-dependent ones ("auto" = None) when fit() sees the scene.
+        self._resolve(None, None)
+
+    def _resolve(self, pixels: np.ndarray | None, image_shape: tuple | None) -> None:
+        """Effective settings as attributes with a trailing underscore."""
+        defaults = SETTINGS[self.setting]
+
+        def pick(name):
+            value = getattr(self, name)
+            return defaults[name] if value is None else value
+
+        self.whiten_input_ = bool(pick("whiten_input"))
+        self.context_weighting_ = pick("context_weighting")
+        self.target_ = pick("target")
+        self.init_partition_ = pick("init_partition")
+        self.centre_codes_ = bool(pick("centre_codes"))
+        if self.init_partition_ not in ("codes", "spectra"):
+            raise ValueError(f"init_partition must be 'codes' or 'spectra'; got "
+                             f"'{self.init_partition_}'.")
+        if self.context_weighting_ not in ("box", "spectral"):
+            raise ValueError(f"context_weighting must be 'box' or 'spectral'; got "
+                             f"'{self.context_weighting_}'.")
+        if self.target_ not in ("paper", "size_prior"):
+            raise ValueError(f"target must be 'paper' or 'size_prior'; got '{self.target_}'.")
+        n_components = pick("n_components")
+        if n_components == "auto" and pixels is not None:
+            n_components = variance_preserving_components(
+                pixels, minimum=PAPER_COMPONENTS, share=VARIANCE_KEPT)
+        self.n_components_ = n_components
+        self.context_scale_ = pick("context_scale")
+        self._resolve_scale(self.context_scale_)
+
+    def _resolve_scale(self, scale) -> None:
+        defaults = SETTINGS[self.setting]
+        self.context_scale_ = scale
+        for name in ("patch_size", "smoothing_window", "finch_patch_size"):
+            value = getattr(self, name)
+            value = defaults[name] if value is None else value
+            if value == "scale" and isinstance(scale, int):
+                value = scale
+            elif value == "2scale+1" and isinstance(scale, int):
+                value = 2 * scale + 1
+            setattr(self, name + "_", value)
 
     # ---------------------------------------------------------------- validation
     def _validate(self, cube: np.ndarray, valid: np.ndarray) -> None:
+        self._validate_input(cube, valid)
+        self._validate_sizes(cube, valid)
+
+    def _validate_input(self, cube: np.ndarray, valid: np.ndarray) -> None:
         if cube.ndim != 3:
             raise ValueError(f"cube must be (height, width, bands); got shape {cube.shape}")
         if valid.shape != cube.shape[:2]:
@@ -301,24 +444,27 @@ class SCDSC:
                 f"valid pixels ({self.basis_dim} basis vectors each); the raster has {n_valid}. "
                 "Choose fewer clusters or a larger raster."
             )
-        if self.patch_size % 2 == 0 or self.patch_size < 1:
-            raise ValueError(f"The patch size must be odd; got {self.patch_size}.")
-        if self.smoothing_window % 2 == 0 or self.smoothing_window < 1:
-            raise ValueError(f"The smoothing window must be odd; got {self.smoothing_window}.")
-        pad = self.patch_size // 2 + ENCODER_HALO
+        if not np.isfinite(cube[valid]).all():
+            raise ValueError("The cube holds NaN or infinite values at valid pixels; mask them.")
+
+    def _validate_sizes(self, cube: np.ndarray, valid: np.ndarray) -> None:
+        if self.patch_size_ % 2 == 0 or self.patch_size_ < 1:
+            raise ValueError(f"The patch size must be odd; got {self.patch_size_}.")
+        if self.smoothing_window_ % 2 == 0 or self.smoothing_window_ < 1:
+            raise ValueError(f"The smoothing window must be odd; got {self.smoothing_window_}.")
+        pad = self.patch_size_ // 2 + ENCODER_HALO
         if min(cube.shape[:2]) <= pad:
             raise ValueError(
                 f"The raster ({cube.shape[0]} x {cube.shape[1]} pixels) is smaller than the "
-                f"{self.patch_size} x {self.patch_size} patch the network needs."
+                f"{self.patch_size_} x {self.patch_size_} patch the network needs."
             )
-        if not np.isfinite(cube[valid]).all():
-            raise ValueError("The cube holds NaN or infinite values at valid pixels; mask them.")
 
     # ---------------------------------------------------------------- stages
     def _mini_clusters(self, image: np.ndarray, valid: np.ndarray, monitor: Monitor) -> np.ndarray:
         features = patch_pca_features(
-            image, valid, patch_size=self.finch_patch_size, n_components=self.finch_components,
+            image, valid, patch_size=self.finch_patch_size_, n_components=self.finch_components,
             seed=self.seed, monitor=monitor.stage(0.0, 0.5),
+            standardise=self.whiten_input_,
         )
         return mini_clusters(
             features, partition_index=self.finch_partition, monitor=monitor.stage(0.5, 1.0),
@@ -328,7 +474,7 @@ class SCDSC:
     def _scene_tensors(
         self, image: np.ndarray, valid: np.ndarray, mini: np.ndarray, device: torch.device
     ) -> _SceneTensors:
-        pad = self.patch_size // 2 + ENCODER_HALO
+        pad = self.patch_size_ // 2 + ENCODER_HALO
         channels_first = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         padded = F.pad(channels_first.unsqueeze(0), (pad, pad, pad, pad), mode="reflect")[0]
         mini_grid = np.full(valid.shape, -1, dtype=np.int64)
@@ -372,7 +518,7 @@ class SCDSC:
         self, autoencoder: PatchAutoencoder, features: torch.Tensor, batch: torch.Tensor,
         valid: torch.Tensor,
     ) -> torch.Tensor:
-        radius = self.patch_size // 2
+        radius = self.patch_size_ // 2
         core = slice(radius, -radius) if radius else slice(None)
         reconstruction = autoencoder.decoder(features)[..., core, core]
         target = batch[..., ENCODER_HALO:-ENCODER_HALO, ENCODER_HALO:-ENCODER_HALO][..., core, core]
@@ -422,7 +568,7 @@ class SCDSC:
         take = rng.choice(valid_rows.size, size=min(self.init_sample, valid_rows.size),
                           replace=False)
         sample_rows, sample_cols = valid_rows[take], valid_cols[take]
-        size = self.patch_size
+        size = self.patch_size_
         codes = np.empty((take.size, self.latent_channels * size * size), dtype=np.float32)
 
         def collect(tile, features):
@@ -437,8 +583,19 @@ class SCDSC:
             codes[inside] = picked.permute(1, 0, 2, 3).reshape(picked.shape[1], -1).cpu().numpy()
 
         self._scene_pass(autoencoder, scene, collect, monitor.stage(0.0, 0.4))
+        if self.centre_codes_:
+            # The ReLU codes are all positive: uncentred, every cluster's top singular vector is
+            # close to the common mean direction and all assignments come out flat.
+            centre = codes.reshape(codes.shape[0], self.latent_channels, -1).mean(axis=(0, 2))
+            codes -= np.repeat(centre, size * size)[None, :].astype(np.float32)
+            self._initial_code_centre = torch.from_numpy(centre.astype(np.float32))
         kmeans = KMeans(self.n_clusters, n_init=self.kmeans_n_init, random_state=self.seed)
-        assignment = kmeans.fit_predict(codes)
+        if self.init_partition_ == "spectra":
+            # Partition the sampled pixels by their (context-smoothed) input spectra; the bases
+            # are still the top singular directions of each part's latent codes.
+            assignment = kmeans.fit_predict(self._context_image[sample_rows, sample_cols])
+        else:
+            assignment = kmeans.fit_predict(codes)
         monitor.progress(0.8)
         bases = np.zeros((self.n_clusters * self.basis_dim, codes.shape[1]), dtype=np.float32)
         for cluster in range(self.n_clusters):
@@ -471,14 +628,27 @@ class SCDSC:
     def _joint_losses(self, autoencoder, bases, batch, valid, mini, n_mini) -> dict:
         features = self._features(autoencoder, batch)
         reconstruction = self._reconstruction_loss(autoencoder, features, batch, valid)
+        if self.centre_codes_:
+            with torch.no_grad():
+                bases.code_centre.copy_(features.mean(dim=(0, 2, 3)))
         assignment_grid = self._assign(bases, features)  # (B, k, rows, cols)
         mask = valid.unsqueeze(1).to(assignment_grid.dtype)
         assignment = assignment_grid.permute(0, 2, 3, 1)[valid]  # (n, k)
         # Non-local term: mini-cluster means pulled towards their sharpened version.
         means = mini_cluster_means(assignment, mini[valid], n_mini)
-        non_local = kl_divergence(refined_target(means).detach(), means)
+        prior = None
+        if self.target_ == "size_prior":
+            if self._size_prior is None:  # the shares at the start of joint training
+                self._size_prior = means.detach().mean(dim=0)
+            prior = self._size_prior
+        non_local = kl_divergence(refined_target(means, prior).detach(), means)
         # Local term: assignments pulled towards their masked spatial average.
-        smoothed = masked_box_filter(assignment_grid.detach(), mask, self.smoothing_window)
+        if self.context_weighting_ == "spectral":
+            smoothed = weighted_neighbour_mean(
+                assignment_grid.detach(), self._neighbour_weights(batch, valid),
+                self.smoothing_window_)
+        else:
+            smoothed = masked_box_filter(assignment_grid.detach(), mask, self.smoothing_window_)
         spatial_smoothing_target = smoothed.permute(0, 2, 3, 1)[valid]
         local = kl_divergence(spatial_smoothing_target, assignment)
         constraint = basis_constraint(bases.kernels, self.n_clusters, self.basis_dim)
@@ -488,6 +658,36 @@ class SCDSC:
                           .float().mean())
         return {"total": total, "reconstruction": reconstruction, "basis": constraint,
                 "non_local": non_local, "local": local, "confident_share": confident}
+
+    @torch.no_grad()
+    def _recentre_codes(self, autoencoder: PatchAutoencoder, bases: SubspaceBases,
+                        scene: _SceneTensors) -> None:
+        """Code centre = mean latent features over the whole scene, as the inference sees it."""
+        autoencoder.eval()
+        total = torch.zeros(self.latent_channels, dtype=torch.float64)
+        count = 0
+
+        def accumulate(tile, features):
+            nonlocal total, count
+            total += features.sum(dim=(0, 2, 3)).double().cpu()
+            count += features.shape[0] * features.shape[2] * features.shape[3]
+
+        self._scene_pass(autoencoder, scene, accumulate, silent())
+        bases.code_centre.copy_((total / max(count, 1)).to(bases.code_centre))
+
+    @torch.no_grad()
+    def _neighbour_weights(self, batch: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Spectral neighbour weights of the batch's core pixels (cached for a fixed batch)."""
+        cached = self._weights_cache
+        if cached is not None and cached[0] is batch:
+            return cached[1]
+        pad = self.patch_size_ // 2 + ENCODER_HALO
+        rows, cols = valid.shape[-2:]
+        core = batch[..., pad : pad + rows, pad : pad + cols]
+        weights = spectral_neighbour_weights(core, valid, self.smoothing_window_,
+                                             self.context_bandwidth_)
+        self._weights_cache = (batch, weights)
+        return weights
 
     def _recalibrate_batchnorm(self, autoencoder: PatchAutoencoder, scene: _SceneTensors,
                                monitor: Monitor) -> None:
@@ -540,28 +740,59 @@ class SCDSC:
 
     # ---------------------------------------------------------------- public API
     def fit(
-        self, cube: np.ndarray, valid: np.ndarray, monitor: Monitor | None = None
+        self, cube: np.ndarray, valid: np.ndarray, monitor: Monitor | None = None,
+        pixel_size_m: float | None = None,
     ) -> SCDSCResult:
-        """Cluster every valid pixel of ``cube`` (H, W, B); ``valid`` is the (H, W) mask."""
+        """Cluster every valid pixel of ``cube`` (H, W, B); ``valid`` is the (H, W) mask.
+
+        ``pixel_size_m`` (ground size of a pixel, e.g. ``engine.raster_io.pixel_size_metres``)
+        bounds the context scale of the adaptive setting; without it the scene's semivariogram
+        alone chooses.
+        """
         monitor = monitor or silent()
         cube = np.asarray(cube, dtype=np.float32)
         valid = np.asarray(valid, dtype=bool)
-        self._validate(cube, valid)
+        self._validate_input(cube, valid)
         rng = seed_everything(self.seed)
         device = resolve_device(self.device)
         seconds: dict[str, float] = {}
         started = time.perf_counter()
+        self._size_prior = None
+        self._weights_cache = None
 
-        monitor.info(f"SCDSC: {int(valid.sum())} valid pixels, {cube.shape[2]} bands, "
-                     f"k = {self.n_clusters}, device {device}")
-        preprocessing = SpectralPreprocessing.fit(cube[valid], self.n_components)
+        monitor.info(f"SCDSC ({self.setting} setting): {int(valid.sum())} valid pixels, "
+                     f"{cube.shape[2]} bands, k = {self.n_clusters}, device {device}")
+        self._resolve(cube[valid], valid.shape)
+        preprocessing = SpectralPreprocessing.fit(cube[valid], self.n_components_,
+                                                  whiten=self.whiten_input_)
         image = pixels_to_image(preprocessing.transform(cube[valid]), valid)
         stages = self.stage_fractions(int(valid.sum()), valid.size)
         monitor.check()
+        explained = float(preprocessing.pca.explained_variance_ratio.sum())
+        monitor.info(f"Input: {self.n_components_} principal components "
+                     f"({'whitened' if self.whiten_input_ else 'common scale, not whitened'}), "
+                     f"{explained:.2%} of the standardised bands' variance")
+        self.context_bandwidth_ = neighbour_bandwidth(image, valid, seed=self.seed)
+        if self.context_scale_ == "auto":
+            scale, evidence = choose_context_scale(image, valid, pixel_size_m)
+            self._resolve_scale(scale)
+            monitor.info(f"Context scale chosen from the scene: {scale} x {scale} ({evidence})")
+        self._validate_sizes(cube, valid)
+        monitor.info(f"Context: latent patch {self.patch_size_} x {self.patch_size_}, "
+                     f"{self.context_weighting_} smoothing {self.smoothing_window_} x "
+                     f"{self.smoothing_window_}, FINCH patches {self.finch_patch_size_} x "
+                     f"{self.finch_patch_size_}; refined target: {self.target_}")
+        monitor.check()
 
         clock = time.perf_counter()
-        monitor.info("Mini-clusters (FINCH on 17x17 patches)…")
-        mini = self._mini_clusters(image, valid, monitor.stage(*stages["finch"]))
+        monitor.info("Mini-clusters (FINCH)…")
+        self._context_image = image
+        if self.context_weighting_ == "spectral" and self.smoothing_window_ > 1:
+            # Context from same-material neighbours only, so that a thin road or river keeps
+            # its own mini-clusters and initial cluster.
+            self._context_image = edge_aware_smoothing(image, valid, self.smoothing_window_,
+                                                       self.context_bandwidth_)
+        mini = self._mini_clusters(self._context_image, valid, monitor.stage(*stages["finch"]))
         n_mini = int(mini.max()) + 1
         monitor.info(f"{n_mini} mini-clusters")
         seconds["finch"] = time.perf_counter() - clock
@@ -577,10 +808,12 @@ class SCDSC:
         clock = time.perf_counter()
         monitor.info("Initial subspace bases (k-means + SVD)…")
         bases = SubspaceBases(self.n_clusters, self.basis_dim, self.latent_channels,
-                              self.patch_size).to(device)
+                              self.patch_size_).to(device)
         with torch.no_grad():
             bases.kernels.copy_(self._initial_bases(autoencoder, scene, rng,
                                                     monitor.stage(*stages["initialisation"])))
+            if self.centre_codes_:
+                bases.code_centre.copy_(self._initial_code_centre)
         seconds["initialisation"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -621,6 +854,8 @@ class SCDSC:
         monitor.info(f"Selected epoch {best_epoch} ({best_share:.1%} of pixels with max(s) > 0.9); "
                      "assigning every pixel…")
         self._recalibrate_batchnorm(autoencoder, scene, monitor.stage(*stages["recalibration"]))
+        if self.centre_codes_:
+            self._recentre_codes(autoencoder, bases, scene)
         soft = self.assign(autoencoder, bases, scene, monitor.stage(*stages["assignment"]))
         soft[~valid] = 0.0
         labels = np.where(valid, soft.argmax(axis=2) + 1, 0).astype(np.int32)

@@ -64,7 +64,7 @@ class SCDSCModel:
 
     @property
     def halo(self) -> int:
-        return self.estimator.patch_size // 2 + ENCODER_HALO
+        return self.estimator.patch_size_ // 2 + ENCODER_HALO
 
 
 def save_scdsc_model(estimator: SCDSC, path: str | os.PathLike, band_numbers: list[int],
@@ -75,11 +75,15 @@ def save_scdsc_model(estimator: SCDSC, path: str | os.PathLike, band_numbers: li
     payload = {
         "algorithm": ALGORITHM_NAME,
         "format_version": FORMAT_VERSION,
-        "settings": {name: getattr(estimator, name) for name in MODEL_SETTINGS},
+        # The values the run used (the adaptive setting picks some from the scene).
+        "settings": {name: getattr(estimator, name + "_", getattr(estimator, name))
+                     for name in MODEL_SETTINGS},
+        "setting": estimator.setting,
         "n_input_channels": int(estimator.preprocessing_.pca.components.shape[0]),
         "autoencoder": {name: tensor.detach().cpu()
                         for name, tensor in estimator.autoencoder_.state_dict().items()},
         "bases": estimator.bases_.kernels.detach().cpu(),
+        "code_centre": estimator.bases_.code_centre.detach().cpu(),
         # weights_only loading accepts tensors, not numpy arrays.
         "preprocessing": {name: torch.from_numpy(np.asarray(array))
                           for name, array in estimator.preprocessing_.to_arrays().items()},
@@ -111,8 +115,10 @@ def load_scdsc_model(path: str | os.PathLike, device: str = "cpu") -> SCDSCModel
                                        estimator.latent_channels)
         autoencoder.load_state_dict(payload["autoencoder"])
         bases = SubspaceBases(estimator.n_clusters, estimator.basis_dim,
-                              estimator.latent_channels, estimator.patch_size)
+                              estimator.latent_channels, estimator.patch_size_)
         bases.kernels.data.copy_(payload["bases"])
+        if "code_centre" in payload:  # files of the paper setting before it existed: zero
+            bases.code_centre.copy_(payload["code_centre"])
         band_numbers = [int(b) for b in payload["band_numbers"]]
         source_band_count = int(payload["source_band_count"])
     except (KeyError, TypeError, RuntimeError, AttributeError, ValueError) as error:
@@ -174,7 +180,7 @@ def _apply(model: SCDSCModel, raster_path, out_path, bands, grid, monitor: Monit
         if min(grid.height, grid.width) <= halo:
             raise ValueError(
                 f"'{raster_path}' ({grid.height} x {grid.width} pixels) is smaller than the "
-                f"{model.estimator.patch_size} x {model.estimator.patch_size} patch the "
+                f"{model.estimator.patch_size_} x {model.estimator.patch_size_} patch the "
                 "network needs.")
         reader = raster_window_reader(dataset, band_numbers)
         windows = tile_windows(grid.height, grid.width, model.estimator.inference_tile, halo)

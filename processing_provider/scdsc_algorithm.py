@@ -6,12 +6,14 @@ from typing import Any
 
 from qgis.core import QgsProcessingParameterEnum, QgsProcessingParameterFileDestination
 
+from engine.raster_io import pixel_size_metres
 from engine.scdsc import SCDSC
 from engine.scdsc_model import save_scdsc_model
 from processing_provider import outputs, styles
 from processing_provider.base import HSIAlgorithm, OutputFiles
 
 SMOOTHING_WINDOWS = (3, 7)
+SETTINGS = ("adaptive", "paper")  # engine.scdsc.SETTINGS, in the enum's order
 
 HELP = """
 <p>Unsupervised clustering of a hyper- or multispectral raster with <b>SCDSC</b>, scalable
@@ -23,6 +25,16 @@ the soft assignments).</p>
 <p>Every valid pixel is clustered; nodata pixels (and bands that are entirely nodata) are left
 out and written as 0. The cluster raster has the input's grid and CRS, values 1..k and a
 paletted style.</p>
+<p><b>Setting.</b> <i>adaptive</i> (default) fits the context to the scene: the input keeps the
+standardised bands' geometry (principal components holding 99.9% of their variance, at least 8,
+on one common scale, not whitened), the context scale (latent patch, smoothing window and
+mini-cluster patches, 1x1 up to the paper's 7x7) is chosen from the scene's semivariogram and
+written to the log, neighbours count by their spectral similarity (so thin roads and rivers
+survive), clusters start from k-means on the input spectra and the refined target keeps the
+initial cluster shares instead of pulling every cluster to the same size. <i>paper</i> is the
+published configuration exactly (8 whitened components, 7x7 patch and smoothing, 17x17 FINCH
+patches, DEC's target). In the adaptive setting the patch size and smoothing window below are
+ignored (they are chosen from the scene).</p>
 <p><b>Parameters.</b> <i>Patch size</i>: the neighbourhood of the latent code (7 in the paper).
 <i>Smoothing window</i>: 3 or 7 (the paper uses 3 for Houston, 7 otherwise). <i>beta1</i>
 weighs the mini-cluster term (3 in all the paper's experiments), <i>beta2</i> the spatial term
@@ -40,6 +52,7 @@ Hyperspectral Images", Remote Sensing 17(24), 4030, 2025, doi:10.3390/rs17244030
 
 class SCDSCClusteringAlgorithm(HSIAlgorithm):
     N_CLUSTERS = "N_CLUSTERS"
+    SETTING = "SETTING"
     PATCH_SIZE = "PATCH_SIZE"
     SMOOTHING_WINDOW = "SMOOTHING_WINDOW"
     BETA1 = "BETA1"
@@ -62,6 +75,10 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
         self.add_input_raster()
         self.add_integer(self.N_CLUSTERS, "Number of clusters", 5, 2, 1000)
         self.add_band_selection()
+        self._add(QgsProcessingParameterEnum(
+            self.SETTING, "Setting", options=["adaptive (fits the scene)", "paper (published)"],
+            defaultValue=0,
+        ), advanced=False)
         self.add_integer(self.PATCH_SIZE, "Patch size (odd)", 7, 1, 31, advanced=True)
         self._add(QgsProcessingParameterEnum(
             self.SMOOTHING_WINDOW, "Spatial smoothing window",
@@ -97,10 +114,15 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
         n_clusters = self.parameterAsInt(parameters, self.N_CLUSTERS, context)
         window = SMOOTHING_WINDOWS[self.parameterAsEnum(parameters, self.SMOOTHING_WINDOW,
                                                         context)]
+        setting = SETTINGS[self.parameterAsEnum(parameters, self.SETTING, context)]
+        # The adaptive setting chooses patch and window from the scene.
+        scene_sized = setting == "adaptive"
         model = SCDSC(
             n_clusters=n_clusters,
-            patch_size=self.parameterAsInt(parameters, self.PATCH_SIZE, context),
-            smoothing_window=window,
+            setting=setting,
+            patch_size=(None if scene_sized
+                        else self.parameterAsInt(parameters, self.PATCH_SIZE, context)),
+            smoothing_window=None if scene_sized else window,
             beta1=self.parameterAsDouble(parameters, self.BETA1, context),
             beta2=self.parameterAsDouble(parameters, self.BETA2, context),
             epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
@@ -109,7 +131,9 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
             seed=self.seed(parameters, context),
             device=self.device(parameters, context),
         )
-        result = model.fit(raster.cube, raster.valid, monitor.stage(0.02, 0.97))
+        result = model.fit(raster.cube, raster.valid, monitor.stage(0.02, 0.97),
+                           pixel_size_m=pixel_size_metres(raster.crs_wkt, raster.transform,
+                                                          raster.height))
         feedback.pushInfo(
             f"Selected epoch {result.selected_epoch}: {result.confident_share:.1%} of pixels "
             f"assigned with max(s) > 0.9; {result.n_mini_clusters} mini-clusters; "

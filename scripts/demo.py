@@ -4,14 +4,20 @@
 ``make demo`` runs it after ``make install`` (the plugin sits in $HOME's default QGIS profile):
 
 1. writes the demo scene (``engine.demo_scene`` defaults) into ``demo_out/``;
-2. runs ``qgis_process.bin run hsicluster:scdsc`` on it -> ``scdsc_clusters.tif`` (+ ``.qml``);
-3. writes the quicklooks ``scdsc_clusters.png`` and ``truth.png``;
-4. runs ``qgis_process.bin run hsicluster:evaluateclustering`` against the truth raster and
-   prints OA / NMI / kappa, next to the same scores computed directly with ``engine.metrics``.
+2. runs ``qgis_process.bin run hsicluster:scdsc`` on it (default setting unless ``--setting``)
+   -> ``scdsc_clusters.tif`` (+ ``.qml``);
+3. runs k-means on the standardised spectra (k = number of classes, n_init 10, the same seed),
+   the baseline a user compares with -> ``kmeans_clusters.tif``;
+4. writes the quicklooks ``truth.png``, ``scdsc_clusters.png``, ``kmeans_clusters.png`` and
+   ``comparison.png`` (truth | SCDSC | k-means side by side, each cluster coloured as the truth
+   class it is matched to);
+5. runs ``qgis_process.bin run hsicluster:evaluateclustering`` on the SCDSC map and prints
+   OA / NMI / kappa of SCDSC and of k-means side by side, whichever is better.
 
 Usage::
 
-    .venv/bin/python scripts/demo.py [--epochs N] [--seed S] [--out DIR] [--threads T]
+    .venv/bin/python scripts/demo.py [--epochs N] [--seed S] [--setting adaptive|paper]
+                                     [--out DIR] [--threads T]
 
 Exits non-zero with a message saying what failed.
 """
@@ -42,6 +48,41 @@ SCDSC_ID = "hsicluster:scdsc"
 EVALUATE_ID = "hsicluster:evaluateclustering"
 DEFAULT_EPOCHS = 400  # the algorithm's (and the paper's) default
 CLUSTERS_NAME = "scdsc_clusters"
+KMEANS_NAME = "kmeans_clusters"
+SETTINGS = ["adaptive", "paper"]  # order of the algorithm's SETTING enum
+
+
+def kmeans_on_standardised_spectra(cube, valid, n_clusters: int, seed: int):
+    """k-means (n_init 10) on the valid spectra, bands standardised; (H, W) labels, 0 = nodata."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    from engine.preprocessing import BandStandardiser
+
+    pixels = cube[valid]
+    features = BandStandardiser.fit(pixels).transform(pixels)
+    assignment = KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(features)
+    labels = np.zeros(valid.shape, dtype=np.int32)
+    labels[valid] = assignment + 1
+    return labels
+
+
+def write_labels(path, labels, grid) -> None:
+    """Cluster raster on the scene's grid (smallest unsigned type, 0 = nodata)."""
+    from engine.raster_io import write_label_raster
+
+    write_label_raster(path, labels, grid, int(labels.max()))
+
+
+def matched_palette(scores, labels, truth_palette):
+    """Each cluster coloured like the truth class it is matched to (Hungarian matching)."""
+    from engine.quicklook import default_palette
+
+    palette = list(default_palette(max(int(labels.max()), len(truth_palette))))
+    for cluster, class_id in scores.mapping.items():
+        if cluster >= 1:
+            palette[cluster - 1] = truth_palette[class_id - 1]
+    return palette
 
 
 class DemoError(RuntimeError):
@@ -113,6 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
                         help=f"SCDSC training epochs (default {DEFAULT_EPOCHS})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--setting", choices=["adaptive", "paper"], default=None,
+                        help="SCDSC setting (default: the algorithm's default, adaptive)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "demo_out",
                         help="output folder (default demo_out/ in the repository)")
     parser.add_argument("--threads", type=int, default=None,
@@ -131,8 +174,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def demo(args: argparse.Namespace) -> None:
     from engine.demo_scene import make_demo_scene
     from engine.metrics import score_clustering
-    from engine.quicklook import default_palette, write_label_quicklook
-    from engine.raster_io import read_labels
+    from engine.quicklook import default_palette, write_label_quicklook, write_panels_quicklook
+    from engine.raster_io import read_labels, read_raster
 
     started = time.perf_counter()
     check_installation()
@@ -140,20 +183,22 @@ def demo(args: argparse.Namespace) -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    print(f"[1/4] demo scene -> {out}", flush=True)
+    print(f"[1/5] demo scene -> {out}", flush=True)
     scene = make_demo_scene(out)
     truth, _ = read_labels(scene.truth_path)
     print(f"  {scene.cube_path.name}: {truth.shape[0]} x {truth.shape[1]} pixels, "
           f"{scene.n_classes} classes ({', '.join(scene.class_names)})")
 
-    print(f"[2/4] SCDSC clustering ({args.epochs} epochs, seed {args.seed}) via qgis_process",
-          flush=True)
+    setting_text = args.setting or "default"
+    print(f"[2/5] SCDSC clustering ({setting_text} setting, {args.epochs} epochs, seed "
+          f"{args.seed}) via qgis_process", flush=True)
     clusters_path = out / f"{CLUSTERS_NAME}.tif"
     clock = time.perf_counter()
-    report = run_qgis_process(SCDSC_ID, {
-        "INPUT": scene.cube_path, "N_CLUSTERS": scene.n_classes, "EPOCHS": args.epochs,
-        "SEED": args.seed, "OUTPUT": clusters_path,
-    }, env)
+    parameters = {"INPUT": scene.cube_path, "N_CLUSTERS": scene.n_classes, "EPOCHS": args.epochs,
+                  "SEED": args.seed, "OUTPUT": clusters_path}
+    if args.setting:
+        parameters["SETTING"] = SETTINGS.index(args.setting)
+    report = run_qgis_process(SCDSC_ID, parameters, env)
     for line in report.get("log", {}).get("info", [])[-1:]:
         print(f"  {line}")
     if not clusters_path.exists() or not clusters_path.with_suffix(".qml").exists():
@@ -162,35 +207,50 @@ def demo(args: argparse.Namespace) -> None:
     print(f"  -> {clusters_path} (+ {clusters_path.with_suffix('.qml').name}) "
           f"in {time.perf_counter() - clock:.1f} s")
 
-    print("[3/4] quicklooks", flush=True)
+    print("[3/5] k-means on the standardised spectra (the baseline)", flush=True)
+    clock = time.perf_counter()
+    raster = read_raster(scene.cube_path)
+    kmeans_labels = kmeans_on_standardised_spectra(raster.cube, raster.valid, scene.n_classes,
+                                                   args.seed)
+    kmeans_path = out / f"{KMEANS_NAME}.tif"
+    write_labels(kmeans_path, kmeans_labels, raster.grid)
+    print(f"  -> {kmeans_path} in {time.perf_counter() - clock:.1f} s")
+
+    print("[4/5] quicklooks", flush=True)
     labels, _ = read_labels(clusters_path)
     scores = score_clustering(truth, labels)
-    # Colour each cluster like the truth class it is matched to, so the two PNGs compare at a
-    # glance (the .qml keeps the plain cluster palette).
+    kmeans_scores = score_clustering(truth, kmeans_labels)
     truth_palette = default_palette(scene.n_classes)
-    cluster_palette = list(default_palette(max(int(labels.max()), scene.n_classes)))
-    for cluster, class_id in scores.mapping.items():
-        if cluster >= 1:
-            cluster_palette[cluster - 1] = truth_palette[class_id - 1]
+    scdsc_palette = matched_palette(scores, labels, truth_palette)
+    kmeans_palette = matched_palette(kmeans_scores, kmeans_labels, truth_palette)
     truth_png = write_label_quicklook(truth, out / "truth.png", truth_palette)
-    clusters_png = write_label_quicklook(labels, out / f"{CLUSTERS_NAME}.png", cluster_palette)
-    print(f"  -> {clusters_png} (clusters coloured as their matched class)\n  -> {truth_png}")
+    clusters_png = write_label_quicklook(labels, out / f"{CLUSTERS_NAME}.png", scdsc_palette)
+    kmeans_png = write_label_quicklook(kmeans_labels, out / f"{KMEANS_NAME}.png",
+                                       kmeans_palette)
+    comparison_png = write_panels_quicklook(
+        [(truth, truth_palette), (labels, scdsc_palette), (kmeans_labels, kmeans_palette)],
+        out / "comparison.png")
+    print(f"  -> {comparison_png}: truth | SCDSC | k-means (clusters coloured as their matched "
+          f"class)\n  -> {truth_png}, {clusters_png}, {kmeans_png}")
 
-    print("[4/4] evaluation against the truth via qgis_process", flush=True)
+    print("[5/5] evaluation against the truth (SCDSC via qgis_process)", flush=True)
     evaluation = run_qgis_process(EVALUATE_ID, {
         "INPUT": clusters_path, "REFERENCE_RASTER": scene.truth_path,
     }, env)["results"]
     qgis_scores = {name: float(evaluation[name]) for name in ("OA", "NMI", "KAPPA")}
     engine_scores = {"OA": scores.overall_accuracy, "NMI": scores.nmi, "KAPPA": scores.kappa}
-    print(f"  qgis_process   : OA {qgis_scores['OA']:.4f}  NMI {qgis_scores['NMI']:.4f}  "
-          f"kappa {qgis_scores['KAPPA']:.4f}  ({int(evaluation['N_SCORED'])} pixels)")
-    print(f"  engine.metrics : OA {engine_scores['OA']:.4f}  NMI {engine_scores['NMI']:.4f}  "
-          f"kappa {engine_scores['KAPPA']:.4f}  ({scores.n_scored} pixels)")
     mismatched = [name for name in qgis_scores
                   if not (math.isclose(qgis_scores[name], engine_scores[name], abs_tol=1e-9)
                           or math.isnan(qgis_scores[name]) and math.isnan(engine_scores[name]))]
     if mismatched or int(evaluation["N_SCORED"]) != scores.n_scored:
         raise DemoError(f"the two evaluations disagree on {mismatched or ['N_SCORED']}")
+    print(f"  {'':28} {'OA':>7} {'NMI':>7} {'kappa':>7}   ({scores.n_scored} labelled pixels)")
+    print(f"  {'SCDSC (' + setting_text + ' setting)':28} {qgis_scores['OA']:7.4f} "
+          f"{qgis_scores['NMI']:7.4f} {qgis_scores['KAPPA']:7.4f}")
+    print(f"  {'k-means, standardised bands':28} {kmeans_scores.overall_accuracy:7.4f} "
+          f"{kmeans_scores.nmi:7.4f} {kmeans_scores.kappa:7.4f}")
+    better = "SCDSC" if qgis_scores["NMI"] > kmeans_scores.nmi else "k-means"
+    print(f"  higher NMI on this scene: {better}")
 
     print(f"done in {time.perf_counter() - started:.1f} s; outputs in {out}")
 

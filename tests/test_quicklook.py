@@ -83,3 +83,22 @@ def test_default_palette_is_distinct_and_deterministic() -> None:
     first = np.array(default_palette(10), dtype=float)
     distances = np.linalg.norm(first[:, None] - first[None], axis=-1)
     assert distances[np.triu_indices(10, 1)].min() > 40
+
+
+def test_panels_quicklook_puts_maps_side_by_side(tmp_path):
+    import rasterio
+
+    from engine.quicklook import default_palette, write_panels_quicklook
+
+    left = np.array([[1, 2], [0, 1]])
+    right = np.array([[2, 2], [1, 0]])
+    palette = default_palette(2)
+    path = write_panels_quicklook([(left, palette), (right, palette)], tmp_path / "p.png", gap=3)
+    with rasterio.open(path) as dataset:
+        rgb = dataset.read()
+    assert rgb.shape == (3, 2, 2 + 3 + 2)
+    assert tuple(rgb[:, 0, 0]) == palette[0] and tuple(rgb[:, 0, 5]) == palette[1]
+    assert tuple(rgb[:, 1, 1]) == palette[0] and tuple(rgb[:, 1, 6]) == (0, 0, 0)
+    assert (rgb[:, :, 2:5] == 255).all()  # the white gap
+    with pytest.raises(ValueError, match="one shape"):
+        write_panels_quicklook([(left, palette), (right[:1], palette)], tmp_path / "q.png")

@@ -458,3 +458,34 @@ def test_algorithm_is_batch_and_modeler_ready(qgis_app) -> None:
     assert [o.split()[0] for o in smoothing.options()] == ["3", "7"]
     device = instance.parameterDefinition("DEVICE")
     assert device.options() == ["auto", "cpu", "cuda"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [(0, ["SCDSC (adaptive setting)", "Context scale chosen from the scene", "10 m pixels"]),
+     (1, ["SCDSC (paper setting)", "latent patch 7 x 7, box smoothing 7 x 7, FINCH patches "
+                                   "17 x 17; refined target: paper"])],
+)
+def test_setting_reaches_the_engine_and_its_choices_are_logged(
+        scene: DemoScene, processing_module, tmp_out: Path, setting: int,
+        expected: list[str]) -> None:
+    instance_options = _setting_options()
+    assert instance_options[setting].split()[0] == ("adaptive", "paper")[setting]
+    feedback = _feedback_class()()
+    output = tmp_out / f"setting_{setting}.tif"
+    _run(processing_module, _params(scene.cube_path, output, SETTING=setting), feedback)
+    log = "\n".join(feedback.infos)
+    for text in expected:
+        assert text in log, f"'{text}' missing from the log:\n{log}"
+    labels, _ = read_labels(output)
+    assert labels.max() >= 2
+
+
+def _setting_options() -> list[str]:
+    from qgis.core import QgsApplication
+
+    instance = QgsApplication.processingRegistry().algorithmById(ALGORITHM_ID).createInstance()
+    instance.initAlgorithm()
+    parameter = instance.parameterDefinition("SETTING")
+    assert parameter.defaultValue() == 0  # adaptive is the default
+    return parameter.options()

@@ -147,16 +147,17 @@ def test_fit_clusters_every_valid_pixel_and_is_deterministic(small_scene):
     assert scores.overall_accuracy > 0.7, scores
 
 
-def test_tiled_training_and_inference_run_on_a_scene_larger_than_the_batch(small_scene):
+@pytest.mark.parametrize("setting", ["paper", "adaptive"])
+def test_tiled_training_and_inference_run_on_a_scene_larger_than_the_batch(small_scene, setting):
     raster, truth = small_scene
     model = scdsc.SCDSC(n_clusters=3, seed=1, batch_pixels=600, training_tile=16,
-                        inference_tile=17, **FAST)
+                        inference_tile=17, setting=setting, **FAST)
     result = model.fit(raster.cube, raster.valid)
     assert not result.full_batch
     assert (result.labels[raster.valid] >= 1).all()
     # Tiled inference equals untiled inference of the same weights (halos are exact).
-    pad = model.patch_size // 2 + scdsc.ENCODER_HALO
-    assert pad == 5
+    pad = model.patch_size_ // 2 + scdsc.ENCODER_HALO
+    assert pad == 5 or setting == "adaptive"
     model.inference_tile = 1000
     scene = model._scene_tensors(
         *_network_input(model, raster), torch.device("cpu"),
@@ -168,10 +169,9 @@ def test_tiled_training_and_inference_run_on_a_scene_larger_than_the_batch(small
 
 
 def _network_input(model, raster):
-    from engine.preprocessing import pixels_to_image, standardised_pca_pixels
+    from engine.preprocessing import pixels_to_image
 
-    image = pixels_to_image(standardised_pca_pixels(raster.valid_pixels(), model.n_components),
-                            raster.valid)
+    image = pixels_to_image(model.preprocessing_.transform(raster.valid_pixels()), raster.valid)
     return image, raster.valid, np.zeros(raster.n_valid, dtype=np.int64)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from engine.demo_scene import make_demo_scene
 from engine.monitor import Cancelled, Monitor
-from engine.raster_io import read_raster
+from engine.raster_io import read_labels, read_raster
 from engine.scdsc import SCDSC
 from engine.scdsc_model import apply_scdsc_model, load_scdsc_model, save_scdsc_model
 from engine.windowed_io import missing_halo, tile_windows
@@ -29,7 +29,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
                             nodata_border=2)
     raster = read_raster(scene.cube_path)
     torch.set_num_threads(1)
-    estimator = SCDSC(n_clusters=4, epochs=8, pretrain_steps=10, finch_components=20,
+    estimator = SCDSC(n_clusters=4, setting="paper", epochs=8, pretrain_steps=10,
+                      finch_components=20,
                       init_sample=2000, kmeans_n_init=2, inference_tile=TILE, seed=0)
     result = estimator.fit(raster.cube, raster.valid)
     model_path = save_scdsc_model(estimator, folder / "model.pt", raster.band_numbers,
@@ -109,3 +110,23 @@ def test_cancel_leaves_no_output(trained, tmp_path: Path):
                           monitor=Monitor(is_cancelled=cancel_after_two_windows))
     assert not out.exists()
     assert not list(tmp_path.glob(".cancelled-*"))
+
+
+@pytest.mark.parametrize("setting", ["paper", "adaptive"])
+def test_both_settings_save_models_that_reproduce_their_labels(tmp_path: Path, setting: str):
+    scene = make_demo_scene(tmp_path, height=36, width=40, n_bands=10, n_classes=3, seed=1,
+                            nodata_border=2)
+    raster = read_raster(scene.cube_path)
+    estimator = SCDSC(n_clusters=3, setting=setting, epochs=6, pretrain_steps=8,
+                      finch_components=16, init_sample=1500, kmeans_n_init=2,
+                      inference_tile=TILE, seed=0)
+    result = estimator.fit(raster.cube, raster.valid, pixel_size_m=10.0)
+    model_path = save_scdsc_model(estimator, tmp_path / "model.pt", raster.band_numbers,
+                                  source_band_count=10)
+    loaded = load_scdsc_model(model_path)
+    assert loaded.estimator.patch_size_ == estimator.patch_size_
+    assert loaded.preprocessing.pca.components.shape[0] == estimator.n_components_
+    out = tmp_path / "applied.tif"
+    apply_scdsc_model(model_path, scene.cube_path, out)
+    applied, _ = read_labels(out)
+    np.testing.assert_array_equal(applied, result.labels)
