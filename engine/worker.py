@@ -267,6 +267,41 @@ ENGINE_PACKAGES = {
 }
 
 
+# What each Processing algorithm needs: its engine modules and the packages they import
+# lazily (inside functions), so that a missing package disables only the algorithms using it.
+ALGORITHM_MODULES: dict[str, tuple[str, ...]] = {
+    "scdsc": ("engine.scdsc", "engine.scdsc_model", "engine.finch", "engine.neighbours",
+              "sklearn.cluster", "hnswlib"),
+    "ms2anet": ("engine.ms2anet", "sklearn.cluster"),
+    "applymodel": ("engine.ms2anet", "engine.scdsc_model"),
+    "evaluateclustering": ("engine.metrics", "engine.raster_io"),
+    "labellingembedding": ("engine.graph_labelling", "engine.gnn", "torch_geometric.nn",
+                           "umap", "skimage.segmentation"),
+}
+
+
+def algorithm_availability(algorithms: list[str]) -> dict[str, list[str]]:
+    """For each algorithm, the packages (distribution names) or errors that stop it; [] = it
+    can run. Imports are tried, not just looked up: a package whose binary fails counts."""
+    missing: dict[str, list[str]] = {}
+    for algorithm in algorithms:
+        problems: list[str] = []
+        for module in ALGORITHM_MODULES[algorithm]:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as error:
+                top = (error.name or module).split(".")[0]
+                name = ENGINE_PACKAGES.get(top, top)
+                if name not in problems:
+                    problems.append(name)
+            except Exception as error:  # an installed package that fails to load
+                top = module.split(".")[0]
+                problems.append(f"{ENGINE_PACKAGES.get(top, module)} ({type(error).__name__}: "
+                                f"{error})")
+        missing[algorithm] = problems
+    return missing
+
+
 def _version_of(module: Any, distribution: str) -> str:
     version = getattr(module, "__version__", None)
     if isinstance(version, str):
@@ -281,15 +316,25 @@ def _version_of(module: Any, distribution: str) -> str:
 
 @register("selftest")
 def run_selftest(context: JobContext) -> HandlerResult:
-    """Import every engine dependency, report versions, do one tiny torch and raster round trip.
+    """Import every engine dependency, report versions and which algorithms can run, do one
+    tiny torch and raster round trip.
 
-    Parameter ``packages``: import names to check (default: all of :data:`ENGINE_PACKAGES`).
+    Parameters: ``packages``, import names to check (default: all of :data:`ENGINE_PACKAGES`);
+    ``algorithms``, whose availability to report (default: all of :data:`ALGORITHM_MODULES`);
+    ``strict`` (default true): a package that does not import is an error; with false the
+    result reports it (figures ``failures`` and ``algorithms``: algorithm -> what stops it).
     """
     names = context.parameter("packages") or list(ENGINE_PACKAGES)
     unknown = [name for name in names if name not in ENGINE_PACKAGES]
     if unknown:
         raise ValueError(f"The selftest knows no package {unknown}; it checks "
                          f"{', '.join(ENGINE_PACKAGES)}.")
+    algorithms = context.parameter("algorithms") or list(ALGORITHM_MODULES)
+    unknown = [name for name in algorithms if name not in ALGORITHM_MODULES]
+    if unknown:
+        raise ValueError(f"The selftest knows no algorithm {unknown}; it checks "
+                         f"{', '.join(ALGORITHM_MODULES)}.")
+    strict = context.parameter("strict", True)
     context.stage("importing packages")
     versions: dict[str, str] = {}
     failures: dict[str, str] = {}
@@ -299,20 +344,24 @@ def run_selftest(context: JobContext) -> HandlerResult:
             versions[ENGINE_PACKAGES[name]] = _version_of(module, ENGINE_PACKAGES[name])
         except Exception as error:  # ImportError, OSError from a shared library, ...
             failures[ENGINE_PACKAGES[name]] = f"{type(error).__name__}: {error}"
-        context.monitor.progress(0.9 * (position + 1) / len(names))
-    if failures:
+        context.monitor.progress(0.7 * (position + 1) / len(names))
+    if failures and strict:
         listed = "; ".join(f"{dist} ({why})" for dist, why in failures.items())
         raise ValueError(
             f"The worker environment cannot import: {listed}. Set the environment up again "
             "(Plugins ▸ HSI Cluster ▸ Set up Python environment…)."
         )
+    context.stage("checking the algorithms")
     figures: dict[str, Any] = {
         "python": sys.version.split()[0],
         "executable": sys.executable,
         "versions": versions,
+        "failures": failures,
+        "algorithms": algorithm_availability(algorithms),
     }
+    context.monitor.progress(0.9)
     context.stage("tiny computations")
-    if "torch" in names:
+    if "torch" in names and "torch" not in failures:
         import torch
 
         set_torch_threads(context.job.threads)
@@ -321,7 +370,7 @@ def run_selftest(context: JobContext) -> HandlerResult:
             raise RuntimeError(f"torch computed {float(product.sum())} for 512")
         figures["cuda_available"] = bool(torch.cuda.is_available())
         figures["torch_threads"] = torch.get_num_threads()
-    if "rasterio" in names and "numpy" in names:
+    if {"rasterio", "numpy"} <= set(names) and not {"rasterio", "numpy"} & set(failures):
         figures["gdal"] = _raster_round_trip()
     context.monitor.progress(1.0)
     return HandlerResult(figures=figures)

@@ -745,6 +745,7 @@ class Installer:
                 "base_python": plan.base_python,
                 "python": figures.get("python", ""),
                 "versions": figures.get("versions", {}),
+                "algorithms": figures.get("algorithms", {}),  # algorithm -> what stops it
                 "created": datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 (3.9)
                 .isoformat(timespec="seconds"),
                 "seconds": round(time.monotonic() - started, 1),

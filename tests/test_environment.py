@@ -310,6 +310,7 @@ def test_real_installer_end_to_end_then_offline_reinstall_keeps_it(tmp_path) -> 
                                        "rasterio", "affine", "psutil", "torch", "hnswlib",
                                        "umap-learn", "torch-geometric", "geopandas", "shapely"}
     assert env_mod.read_marker(str(target)) == marker
+    assert marker["algorithms"]["labellingembedding"] == [] and marker["algorithms"]["scdsc"] == []
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert any("Successfully installed" in line for line in log)
     # Not QGIS's Python, not the test venv: no QGIS, no pytest in the new environment.

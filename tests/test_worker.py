@@ -229,6 +229,10 @@ def test_selftest_imports_every_engine_package(tmp_path) -> None:
     from engine.worker import ENGINE_PACKAGES
 
     assert set(figures["versions"]) == set(ENGINE_PACKAGES.values())
+    assert figures["failures"] == {}
+    assert all(problems == [] for problems in figures["algorithms"].values()), figures
+    assert set(figures["algorithms"]) == {"scdsc", "ms2anet", "applymodel",
+                                          "evaluateclustering", "labellingembedding"}
     import torch
 
     assert figures["versions"]["torch"] == torch.__version__
@@ -251,6 +255,26 @@ def test_selftest_names_a_package_that_does_not_import(tmp_path, package) -> Non
     assert proc.returncode == protocol.EXIT_ERROR and error["kind"] == "input"
     assert f"{package} (OSError: libfoo.so: cannot open)" in error["message"]
     assert "numpy" not in error["message"]
+
+
+def test_a_missing_package_disables_only_the_algorithms_that_need_it(tmp_path) -> None:
+    hidden = tmp_path / "hidden"
+    (hidden / "hnswlib").mkdir(parents=True)
+    # Like an uninstalled package: the import fails with ModuleNotFoundError naming it.
+    (hidden / "hnswlib" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'hnswlib'\", name='hnswlib')\n")
+    job = _write_job(tmp_path, {"algorithm": "selftest", "parameters": {
+        "packages": ["numpy", "hnswlib"], "algorithms": ["scdsc", "ms2anet"],
+        "strict": False}})
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hidden), str(REPO_ROOT)])
+    proc = subprocess.run([sys.executable, "-m", "engine.worker", str(job)], env=env,
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == protocol.EXIT_OK, proc.stderr
+    figures = _last([protocol.parse_event(line) for line in proc.stdout.splitlines()],
+                    "result")["figures"]
+    assert figures["algorithms"] == {"scdsc": ["hnswlib"], "ms2anet": []}
+    assert list(figures["failures"]) == ["hnswlib"]
 
 
 def test_ms2anet_job_then_apply_model_job_reproduce_the_labels(scene, tmp_path) -> None:
