@@ -767,15 +767,21 @@ class Installer:
     def _swap_in(self) -> None:
         target = self.plan.target
         old = ""
-        if os.path.exists(target):
-            old = _sibling(target, "previous")
-            os.replace(target, old)
         try:
-            os.replace(self.building_dir, target)
-        except OSError:
-            if old:
-                os.replace(old, target)
-            raise
+            if os.path.exists(target):
+                old = _sibling(target, "previous")
+                os.replace(target, old)
+            try:
+                os.replace(self.building_dir, target)
+            except OSError:
+                if old:
+                    os.replace(old, target)
+                raise
+        except OSError as error:  # Windows: a running worker keeps the old folder in use
+            raise InstallError(
+                f"The new environment is ready but cannot replace the old one at '{target}' "
+                f"({error}). Stop running HSI Cluster algorithms (or restart QGIS) and try "
+                "again; the old environment is unchanged.") from error
         if old:
             shutil.rmtree(old, ignore_errors=True)
 
