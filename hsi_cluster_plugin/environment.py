@@ -253,8 +253,11 @@ def _sorted_by_version(candidates: list) -> list:
 
 def base_python_candidates(platform: str | None = None, environ: dict | None = None,
                            fs: FileSystemView | None = None, qgis_prefix: str = "",
-                           sys_executable: str = "") -> list:
+                           sys_executable: str = "", sys_prefix: str = "") -> list:
     """Pythons the installer could build the venv from, most trusted first (pure).
+
+    ``qgis_prefix`` is QgsApplication.prefixPath(); ``sys_prefix`` is QGIS's ``sys.prefix``,
+    the folder of the Python QGIS embeds (on Windows and macOS it holds a real interpreter).
 
     ``sys_executable`` (the Python running QGIS, which is the QGIS binary on Windows and macOS)
     is never offered. Candidates whose path shows a version outside MIN_PYTHON..MAX_PYTHON are
@@ -277,12 +280,14 @@ def base_python_candidates(platform: str | None = None, environ: dict | None = N
     group: list = []
     if platform == "windows":
         root = _qgis_root(qgis_prefix, platform) if qgis_prefix else ""
+        folders = [sys_prefix] if sys_prefix else []
         if root:
-            for folder in children(paths.join(root, "apps"), r"python3\d+"):
-                for exe in ("python3.exe", "python.exe"):
-                    add(paths.join(folder, exe), "the Python shipped with QGIS")
-                    if found and found[-1].path == paths.join(folder, exe):
-                        break
+            folders += children(paths.join(root, "apps"), r"python3\d+")
+        for folder in folders:
+            for exe in ("python3.exe", "python.exe"):
+                add(paths.join(folder, exe), "the Python shipped with QGIS")
+                if found and found[-1].path == paths.join(folder, exe):
+                    break
         group, found = found, []
         local = environ.get("LOCALAPPDATA", "")
         roots = [paths.join(local, "Programs", "Python")] if local else []
@@ -301,6 +306,8 @@ def base_python_candidates(platform: str | None = None, environ: dict | None = N
             bundles.append(_qgis_root(qgis_prefix, platform))
         bundles += [paths.join("/Applications", name) for name in fs.list_dir("/Applications")
                     if re.fullmatch(r"QGIS.*\.app", name)]
+        if sys_prefix:
+            add(paths.join(sys_prefix, "bin", "python3"), "the Python shipped with QGIS")
         for bundle in dict.fromkeys(bundles):
             add(paths.join(bundle, "Contents", "MacOS", "bin", "python3"),
                 "the Python shipped with QGIS")
@@ -419,7 +426,7 @@ def qgis_base_python_candidates() -> list:
     from qgis.core import QgsApplication
 
     return base_python_candidates(qgis_prefix=QgsApplication.prefixPath(),
-                                  sys_executable=sys.executable)
+                                  sys_executable=sys.executable, sys_prefix=sys.prefix)
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -95,6 +95,22 @@ def test_windows_qgis_322_python39_is_too_old_and_sys_executable_is_never_offere
     assert found == []
 
 
+def test_qgis_sys_prefix_finds_its_python_whatever_the_install_layout() -> None:
+    # Windows: QGIS's sys.prefix is its apps\Python3x folder (the prefix path may not say).
+    fs = FakeFileSystem([r"D:\GIS\QGIS\apps\Python312\python.exe"], sep="\\")
+    found = base_python_candidates("win32", {}, fs.view(), "",
+                                   sys_executable=r"D:\GIS\QGIS\bin\qgis-bin.exe",
+                                   sys_prefix=r"D:\GIS\QGIS\apps\Python312")
+    assert _paths(found) == [r"D:\GIS\QGIS\apps\Python312\python.exe"]
+    # macOS: the framework Python inside a QGIS.app installed outside /Applications.
+    framework = "/Users/ann/Apps/QGIS.app/Contents/Frameworks/Python.framework/Versions/3.11"
+    fs = FakeFileSystem([framework + "/bin/python3"])
+    found = base_python_candidates("darwin", {}, fs.view(), "",
+                                   sys_executable="/Users/ann/Apps/QGIS.app/Contents/MacOS/QGIS",
+                                   sys_prefix=framework)
+    assert _paths(found) == [framework + "/bin/python3"] and found[0].version == (3, 11)
+
+
 def test_macos_layout_qgis_bundle_then_python_org_homebrew_and_command_line_tools() -> None:
     fs = FakeFileSystem([
         "/Applications/QGIS-LTR.app/Contents/MacOS/QGIS",
