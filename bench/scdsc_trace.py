@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import engine.scdsc as scdsc_module  # noqa: E402
-from bench.run_one import N_CLASSES  # noqa: E402
+from bench.run_one import N_CLASSES, load_scene  # noqa: E402
 from engine.metrics import score_clustering  # noqa: E402
-from engine.raster_io import pixel_size_metres, read_labels, read_raster  # noqa: E402
+from engine.raster_io import pixel_size_metres  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 REPORTED_EPOCHS = (0, 1, 5, 10, 25, 50, 100, 200, 300)
@@ -70,15 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unbalanced-target", action="store_true", help="= --target unbalanced")
     args = parser.parse_args(argv)
     cube_path = DATA / args.scene / "cube.tif"
-    if not cube_path.exists():
+    if args.scene != "demo" and not cube_path.exists():
         print(f"no scene at {cube_path}; nothing to do")
         return 0
     torch.set_num_threads(1)
     target = "unbalanced" if args.unbalanced_target else args.target
     if target in TARGETS:
         scdsc_module.refined_target = TARGETS[target]
-    raster = read_raster(cube_path)
-    truth, _ = read_labels(DATA / args.scene / "labels.tif")
+    raster, truth = load_scene(args.scene)
     epoch_labels: list[np.ndarray] = []
     # Median over valid pixels of max_j s_ij: how flat the soft assignment is (1/k = flat).
     epoch_median_max: list[float] = []

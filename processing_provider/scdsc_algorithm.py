@@ -28,10 +28,12 @@ paletted style.</p>
 <p><b>Setting.</b> <i>adaptive</i> (default) fits the context to the scene: the input keeps the
 standardised bands' geometry (principal components holding 99.9% of their variance, at least 8,
 on one common scale, not whitened), the context scale (latent patch, smoothing window and
-mini-cluster patches, 1x1 up to the paper's 7x7) is chosen from the scene's semivariogram and
-written to the log, neighbours count by their spectral similarity (so thin roads and rivers
-survive), clusters start from k-means on the input spectra and the refined target keeps the
-initial cluster shares instead of pulling every cluster to the same size. <i>paper</i> is the
+mini-cluster patches, 1x1 up to the paper's 7x7) is chosen from the scene (at most 50 m of
+ground when the pixel size is known, so 1x1 for 20-30 m pixels, and no wider than its
+semivariogram allows) and written to the log, neighbours count by their spectral similarity
+(so thin roads and rivers survive), clusters start from k-means on the input spectra and the
+refined target keeps the initial cluster shares instead of pulling every cluster to the same
+size. <i>paper</i> is the
 published configuration exactly (8 whitened components, 7x7 patch and smoothing, 17x17 FINCH
 patches, DEC's target). In the adaptive setting the patch size and smoothing window below are
 ignored (they are chosen from the scene).</p>

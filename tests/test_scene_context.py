@@ -118,3 +118,28 @@ def test_settings_resolve_to_the_paper_values_and_unknown_ones_are_refused():
         scdsc.SCDSC(n_clusters=3, setting="fancy")
     with pytest.raises(ValueError, match="target"):
         scdsc.SCDSC(n_clusters=3, target="equal")
+
+
+def test_ground_extent_bounds_the_window_and_pixel_size_comes_from_the_crs():
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from engine.raster_io import pixel_size_metres
+    from engine.scene_context import ground_window
+
+    assert [ground_window(size) for size in (1.0, 2.5, 10.0, 20.0, 30.0, None)] == [
+        7, 7, 5, 1, 1, None]
+    utm = CRS.from_epsg(32633).to_wkt()
+    assert pixel_size_metres(utm, Affine(10, 0, 500_000, 0, -10, 5_300_000)) == 10.0
+    british = CRS.from_epsg(27700).to_wkt()
+    assert pixel_size_metres(british, Affine(20, 0, 0, 0, -20, 0)) == 20.0
+    wgs84 = CRS.from_epsg(4326).to_wkt()
+    at_equator = pixel_size_metres(wgs84, Affine(1e-4, 0, 10.0, 0, -1e-4, 0.0), height=10)
+    assert at_equator == pytest.approx(11.13, abs=0.01)
+    assert pixel_size_metres(None, Affine.identity()) is None
+    # With a known pixel size, a smooth 20 m scene still gets a 1 x 1 context.
+    rng = np.random.default_rng(4)
+    regions = np.repeat(np.repeat(rng.normal(size=(2, 2, 3)), 30, axis=0), 30, axis=1)
+    noisy = (regions + rng.normal(0, 0.3, (60, 60, 3))).astype(np.float32)
+    window, evidence = choose_context_scale(noisy, np.ones((60, 60), bool), pixel_size_m=20.0)
+    assert window == 1 and "20 m pixels" in evidence
