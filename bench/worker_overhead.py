@@ -8,9 +8,9 @@ The same MS2A-Net job on a small demo raster is run, alternately,
   QgsProcessingFeedback, i.e. a new Python process that imports the engine, reads the job file,
   streams events and writes the outputs (what a QGIS run will do).
 
-* through a preloaded worker: started ahead of time with ``--preload`` (untimed, as if started
-  while the user fills in the dialog), then given the job on stdin; timed from the job to the
-  result.
+* through a preloaded worker: a ``SpareWorker`` started ahead of time with ``--preload``
+  (untimed, as if started while the user fills in the dialog), then given the job by the client;
+  timed from the job to the result.
 
 The difference of the medians is the worker's overhead (issue 11 asks for under 3 s); the time
 to the worker's first event shows how much of it is the start-up (Python + torch import). All
@@ -29,7 +29,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine import worker
     from engine.demo_scene import make_demo_scene
     from engine.raster_io import read_labels
-    from processing_provider.worker_client import engine_root, run_job, worker_environment
+    from processing_provider.worker_client import SpareWorker, run_job
 
     torch.set_num_threads(1)
     app = QgsApplication([], False)
@@ -82,24 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     worker.run_job(protocol.Job.from_dict(job("warm")), worker.EventWriter(io.StringIO()),
                    lambda: False)
     def warm_worker(job_dict: dict) -> float:
-        """A worker started ahead with --preload (not timed), then given the job on stdin."""
-        process = subprocess.Popen(
-            [sys.executable, "-m", "engine.worker", "-", "--stdin-control",
-             *[arg for module in worker.PRELOAD_MODULES["ms2anet"]
-               for arg in ("--preload", module)]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, env=worker_environment(engine_root(), 1), cwd=engine_root())
-        assert protocol.parse_event(process.stdout.readline())["event"] == protocol.READY
+        """A SpareWorker started ahead with --preload (its start and imports untimed, as if
+        started while the user fills in the dialog), then the job through the client."""
+        spare = SpareWorker(sys.executable, preload=worker.PRELOAD_MODULES["ms2anet"],
+                            threads=1)
+        assert protocol.parse_event(spare.process.stdout.readline())["event"] == \
+            protocol.READY
         started = time.perf_counter()
-        process.stdin.write(json.dumps(job_dict) + "\n")
-        process.stdin.flush()
-        for line in process.stdout:
-            if protocol.parse_event(line)["event"] in (protocol.RESULT, protocol.ERROR):
-                break
-        seconds = time.perf_counter() - started
-        process.wait(60)
-        process.stdin.close()
-        return seconds
+        run_job(job_dict, QgsProcessingFeedback(), sys.executable, job_dir=str(folder),
+                spare=spare)
+        return time.perf_counter() - started
 
     in_process, through_worker, first_event, warm = [], [], [], []
     for repeat in range(args.repeats):

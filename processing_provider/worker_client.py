@@ -130,6 +130,61 @@ class _OutputGuard:
         return removed
 
 
+def _start_process(command: list[str], env: dict[str, str], root: str,
+                   memory_limit_bytes: int | None, python: str) -> subprocess.Popen:
+    kwargs: dict[str, Any] = {}
+    if os.name == "nt":
+        kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+    elif memory_limit_bytes:
+        kwargs["preexec_fn"] = _memory_limiter(int(memory_limit_bytes))
+    try:
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, cwd=root, **kwargs)
+    except OSError as error:
+        raise QgsProcessingException(
+            f"Cannot start the HSI Cluster worker with '{python}' ({error}). Set the Python "
+            "environment up again (Plugins ▸ HSI Cluster ▸ Set up Python environment…)."
+        ) from error
+
+
+class SpareWorker:
+    """A worker started ahead of time (say, when an algorithm's dialog opens) that imports
+    what the algorithm needs (``--preload``) and then waits for its job on stdin, so the run
+    does not pay for Python's start and torch's import. Used once, by :class:`WorkerRun`
+    (``spare=``); :meth:`close` stops an unused one."""
+
+    def __init__(self, python: str, preload: list[str] | tuple[str, ...] = (),
+                 worker_module: str = WORKER_MODULE,
+                 worker_args: list[str] | tuple[str, ...] = (), root: str | None = None,
+                 env: dict[str, str] | None = None, threads: int | None = None,
+                 memory_limit_bytes: int | None = None):
+        self.root = root or engine_root()
+        command = [python, "-m", worker_module, "-", "--stdin-control"]
+        for module in preload:
+            command += ["--preload", module]
+        command += list(worker_args)
+        self.process = _start_process(command, worker_environment(self.root, threads, env),
+                                      self.root, memory_limit_bytes, python)
+        self._taken = False
+
+    def take(self) -> bool:
+        """Hand the process over (once); False if it was taken or has exited."""
+        if self._taken or self.process.poll() is not None:
+            return False
+        self._taken = True
+        return True
+
+    def close(self) -> None:
+        if not self._taken:
+            self._taken = True
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
+            for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
 class WorkerRun:
     """One job in one worker process. Use :func:`run_job` unless you need the parts."""
 
@@ -137,8 +192,10 @@ class WorkerRun:
                  python: str, worker_module: str = WORKER_MODULE,
                  worker_args: list[str] | tuple[str, ...] = (), root: str | None = None,
                  env: dict[str, str] | None = None, memory_limit_bytes: int | None = None,
-                 job_dir: str | None = None, title: str | None = None):
+                 job_dir: str | None = None, title: str | None = None,
+                 spare: SpareWorker | None = None):
         self.job = protocol.Job.from_dict(job).to_dict()
+        self.spare = spare  # used if still waiting; its env and memory limit then apply
         self.feedback = feedback if feedback is not None else QgsProcessingFeedback()
         self.python = python
         self.worker_module = worker_module
@@ -191,22 +248,20 @@ class WorkerRun:
             f"Job file: {self.job_path}\nRerun it by hand: PYTHONPATH={self.root} "
             f"{self.python} -m {self.worker_module} {self.job_path}"
         )
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        elif self.memory_limit_bytes:
-            kwargs["preexec_fn"] = _memory_limiter(int(self.memory_limit_bytes))
-        try:
-            self.process = subprocess.Popen(
-                self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=self.env, cwd=self.root, **kwargs,
-            )
-        except OSError as error:
-            raise QgsProcessingException(
-                f"Cannot start the HSI Cluster worker with '{self.python}' ({error}). Set the "
-                "Python environment up again (Plugins ▸ HSI Cluster ▸ Set up Python "
-                "environment…)."
-            ) from error
+        if self.spare is not None and self.spare.take():
+            # A worker started ahead: its imports are done; the job goes in on stdin.
+            self.process = self.spare.process
+            try:
+                self.process.stdin.write(json.dumps(self.job).encode("utf-8") + b"\n")
+                self.process.stdin.flush()
+                return
+            except OSError:
+                self.process.kill()
+                self.process.wait()
+                self.process = None  # it died meanwhile: start a fresh one below
+        self.process = _start_process(self.command(), self.env, self.root,
+                                      self.memory_limit_bytes, self.python)
+
 
     # ------------------------------------------------------------------ events
     def _handle_stdout(self, line: str) -> None:

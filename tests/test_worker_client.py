@@ -173,3 +173,27 @@ def test_worker_environment_drops_qgis_python_variables(tmp_path) -> None:
               "PATH": "/usr/bin"})
     assert "PYTHONHOME" not in env and env["PYTHONPATH"] == str(tmp_path)
     assert env["OMP_NUM_THREADS"] == "2" and env["PATH"] == "/usr/bin"
+
+
+def test_spare_worker_takes_the_job_on_stdin_and_a_dead_one_is_replaced(feedback, tmp_path):
+    spare = worker_client.SpareWorker(sys.executable, preload=["engine.raster_io"],
+                                      worker_args=TEST_HANDLERS, root=str(REPO_ROOT))
+    out = tmp_path / "out.txt"
+    run, start = _run({"algorithm": "test.steps", "parameters": {"steps": 3},
+                       "outputs": {"out": str(out)}}, feedback, tmp_path, spare=spare)
+    result = start()
+    assert run.process is spare.process and result["figures"] == {"steps": 3}
+    assert out.is_file() and not spare.take()  # a spare serves one job
+
+    dead = worker_client.SpareWorker(sys.executable, worker_args=TEST_HANDLERS,
+                                     root=str(REPO_ROOT))
+    dead.process.kill()
+    dead.process.wait()
+    run, start = _run({"algorithm": "test.steps", "parameters": {"steps": 1},
+                       "outputs": {"out": str(tmp_path / "again.txt")}}, feedback, tmp_path,
+                      spare=dead)
+    assert start()["figures"] == {"steps": 1} and run.process is not dead.process
+    dead.close()
+    unused = worker_client.SpareWorker(sys.executable, root=str(REPO_ROOT))
+    unused.close()
+    assert unused.process.returncode is not None
