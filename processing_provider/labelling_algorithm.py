@@ -288,6 +288,11 @@ class LabellingEmbeddingAlgorithm(HSIAlgorithm):
         write_labelling_geopackage(path, result, raster.grid, metadata,
                                    monitor.stage(0.9, 1.0))
         segments_uri, chips_uri = layer_uri(path, SEGMENTS_LAYER), layer_uri(path, CHIPS_LAYER)
+        for uri, style, name in ((segments_uri, styles.style_segments(), SEGMENTS_LAYER),
+                                 (chips_uri, styles.style_chips(), CHIPS_LAYER)):
+            problem = styles.save_default_style(uri, style, name)
+            if problem:
+                feedback.pushWarning(f"The default style of '{name}' was not saved: {problem}")
         self._load_layers_on_completion(context, path, segments_uri, chips_uri)
         source = self.input_layer_name(parameters, context)
         self.style_output(segments_uri, self.SEGMENTS, styles.style_segments(),

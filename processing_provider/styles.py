@@ -162,6 +162,18 @@ def style_chips() -> LayerStyle:
     return segment_style.apply_chips_style
 
 
+def save_default_style(uri: str, style: LayerStyle, name: str) -> str:
+    """Store ``style`` in the GeoPackage as the layer's default style (table ``layer_styles``),
+    so that the layer added by hand (Browser, Add Layer) looks as Processing loads it. Returns
+    an error message, '' on success."""
+    layer = QgsVectorLayer(uri, name, "ogr")
+    if not layer.isValid():
+        return f"cannot open {uri}"
+    style(layer)
+    message = layer.saveStyleToDatabase(name, "HSI Cluster default style", True, "")
+    return message or ""
+
+
 # ------------------------------------------------------------------------------------ loading
 class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
     """Applies a style to an output layer once Processing has loaded it.

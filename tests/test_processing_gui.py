@@ -365,6 +365,13 @@ def test_labelling_layers_show_the_image(scene: DemoScene, processing_module, pr
     order = [node.layer() for node in project.layerTreeRoot().findLayers()]
     assert order[-1] is image, [layer.name() for layer in order]  # drawn below the polygons
 
+    # Added by hand (Browser, Add Layer), the segments look the same: default style in the file.
+    from qgis.core import QgsVectorLayer
+
+    by_hand = QgsVectorLayer(f"{output}|layername=segments", "segments", "ogr")
+    assert isinstance(by_hand.renderer(), QgsCategorizedSymbolRenderer)
+    assert segment_style.is_live(by_hand)
+
     # The dock labels two segments: the map fills them in the label's colour at once.
     from hsi_cluster_plugin.dock.embedding_dock import EmbeddingDock
 
