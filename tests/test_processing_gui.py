@@ -435,3 +435,38 @@ def test_no_third_party_deprecation_warnings_on_start() -> None:
     assert not third_party, third_party
     assert any("ours" in line for line in warnings_seen)  # our own still surface
     assert "FILTERS_KEPT True" in proc.stdout
+
+
+def test_model_output_is_styled_and_keeps_its_name(scene: DemoScene, processing_module,
+                                                   project) -> None:
+    """In a model (graphical modeler), the child's output is styled when the model loads it,
+    and keeps the name the user gave the model output."""
+    from qgis.core import (
+        QgsProcessingModelAlgorithm,
+        QgsProcessingModelChildAlgorithm,
+        QgsProcessingModelChildParameterSource,
+        QgsProcessingModelOutput,
+        QgsProcessingModelParameter,
+        QgsProcessingParameterRasterLayer,
+    )
+
+    model = QgsProcessingModelAlgorithm("styled", "tests")
+    model.addModelParameter(QgsProcessingParameterRasterLayer("image", "image"),
+                            QgsProcessingModelParameter("image"))
+    child = QgsProcessingModelChildAlgorithm("hsicluster:scdsc")
+    child.setChildId("scdsc")
+    child.addParameterSources("INPUT", [
+        QgsProcessingModelChildParameterSource.fromModelParameter("image")])
+    for name, value in SCDSC_FAST.items():
+        child.addParameterSources(name, [
+            QgsProcessingModelChildParameterSource.fromStaticValue(value)])
+    output = QgsProcessingModelOutput("my clusters")
+    output.setChildOutputName("OUTPUT")
+    child.setModelOutputs({"my clusters": output})
+    model.addChildAlgorithm(child)
+    model.updateDestinationParameters()
+    destination = model.destinationParameterDefinitions()[0].name()
+    processing_module.runAndLoadResults(model, {"image": str(scene.cube_path),
+                                                destination: "TEMPORARY_OUTPUT"})
+    clusters = _loaded(project, "my clusters")
+    assert _paletted_classes(clusters) == [(c, f"Cluster {c}") for c in range(1, K + 1)]
