@@ -229,6 +229,20 @@ def keep_alive(processor: StylePostProcessor) -> StylePostProcessor:
     return processor
 
 
+def unique_layer_name(project, name: str) -> str:
+    """``name``, or ``name [2]``, ``name [3]``... when the project has a layer of that name
+    already (a second run on the same input), so runs stay apart in the Layers panel and in
+    layer combo boxes."""
+    if project is None:
+        return name
+    taken = {layer.name() for layer in project.mapLayers().values()}
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{name} [{number}]"
+    return candidate
+
+
 def style_on_load(context: QgsProcessingContext, key: str, style: LayerStyle,
                   name: str = "", default_names: Sequence[str] = (),
                   move_to_bottom: bool = False) -> bool:
@@ -240,6 +254,6 @@ def style_on_load(context: QgsProcessingContext, key: str, style: LayerStyle,
         return False
     details = context.layerToLoadOnCompletionDetails(key)
     if name and (not details.name or details.name in default_names):
-        details.name = name
+        details.name = unique_layer_name(details.project, name)
     details.setPostProcessor(keep_alive(StylePostProcessor(style, move_to_bottom)))
     return True

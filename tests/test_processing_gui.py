@@ -330,6 +330,11 @@ def test_post_processors_outlive_the_call(scene: DemoScene, processing_module, p
     clusters = _loaded(project, f"SCDSC clusters ({Path(scene.cube_path).stem})")
     assert _paletted_classes(clusters)[0] == (1, "Cluster 1")
 
+    # A second run on the same input gets a name of its own.
+    processing_module.runAndLoadResults("hsicluster:scdsc", {
+        "INPUT": str(scene.cube_path), **SCDSC_FAST, "OUTPUT": "TEMPORARY_OUTPUT"})
+    _loaded(project, f"SCDSC clusters ({Path(scene.cube_path).stem}) [2]")
+
 
 # ------------------------------------------------------------------------------------ 7
 def test_labelling_layers_show_the_image(scene: DemoScene, processing_module, project,
