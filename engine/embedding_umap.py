@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from engine.monitor import Monitor, silent
+from engine.monitor import Monitor, run_cancellable, silent
 
 MIN_UMAP_POINTS = 6
 DEFAULT_NEIGHBOURS = 15
@@ -45,6 +45,34 @@ def _quiet_umap() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+class _NoLock:
+    """A lock that never blocks, for umap-learn's tqdm bar (it only ever writes to an
+    :class:`_EpochWatcher`). tqdm's ``refresh`` takes its class-wide lock and releases it only
+    if the display returned; a cancel raised from the watcher leaves it taken, so the next UMAP,
+    run in another thread (see ``run_cancellable``), would wait for it forever."""
+
+    def acquire(self, *args, **kwargs) -> bool:
+        return True
+
+    def release(self) -> None:
+        return None
+
+    def __enter__(self) -> _NoLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _umap_without_tqdm_lock():
+    """umap-learn, its layout's tqdm class given a lock that cannot be left taken."""
+    import umap
+    import umap.layouts
+
+    umap.layouts.tqdm.set_lock(_NoLock())
+    return umap
 
 
 class _EpochWatcher:
@@ -127,15 +155,22 @@ def segment_umap(
         from sklearn.metrics import pairwise_distances
 
         return classical_mds(pairwise_distances(embedding, metric=metric)).astype(np.float32)
-    with _quiet_umap():
-        import umap
+    init = _scaled(pca_layout(embedding))
 
-        reducer = umap.UMAP(
-            n_components=2, n_neighbors=min(n_neighbours, n - 1), metric=metric,
-            random_state=seed, n_jobs=1, init=_scaled(pca_layout(embedding)),
-            n_epochs=_layout_epochs(n), tqdm_kwds=_EpochWatcher(monitor, _layout_epochs(n)).kwds(),
-        )
-        return reducer.fit_transform(embedding).astype(np.float32)
+    def fit() -> np.ndarray:
+        with _quiet_umap():
+            umap = _umap_without_tqdm_lock()
+
+            reducer = umap.UMAP(
+                n_components=2, n_neighbors=min(n_neighbours, n - 1), metric=metric,
+                random_state=seed, n_jobs=1, init=init, n_epochs=_layout_epochs(n),
+                tqdm_kwds=_EpochWatcher(monitor, _layout_epochs(n)).kwds(),
+            )
+            return reducer.fit_transform(embedding)
+
+    # In a thread: importing umap (numba), its nearest-neighbour search and numba's compilation
+    # before the first layout epoch never check for a cancel (7.6 s measured).
+    return run_cancellable(fit, monitor).astype(np.float32)
 
 
 def chip_umap(
@@ -193,16 +228,19 @@ def chip_umap(
     knn_dists = knn_dists[:, :n_neighbours]
     if n_neighbours < 2:
         raise ValueError("Chip UMAP needs at least one neighbour per chip.")
-    with _quiet_umap():  # also: no NNDescent search index, so transform() is unavailable
-        import umap
+    def fit() -> np.ndarray:
+        with _quiet_umap():  # also: no NNDescent search index, so transform() is unavailable
+            umap = _umap_without_tqdm_lock()
 
-        reducer = umap.UMAP(
-            n_components=2, n_neighbors=n_neighbours, random_state=seed,
-            n_jobs=1, precomputed_knn=(knn_indices, knn_dists), init=init,
-            n_epochs=_layout_epochs(n), tqdm_kwds=_EpochWatcher(monitor, _layout_epochs(n)).kwds(),
-        )
-        # The data matrix is only a placeholder of the right length (one column): the graph
-        # comes from the precomputed kNN lists, the initial layout from ``init``.
-        placeholder = np.zeros((n, 1), dtype=np.float32)
-        out[present] = reducer.fit_transform(placeholder).astype(np.float32)
+            reducer = umap.UMAP(
+                n_components=2, n_neighbors=n_neighbours, random_state=seed,
+                n_jobs=1, precomputed_knn=(knn_indices, knn_dists), init=init,
+                n_epochs=_layout_epochs(n),
+                tqdm_kwds=_EpochWatcher(monitor, _layout_epochs(n)).kwds(),
+            )
+            # The data matrix is only a placeholder of the right length (one column): the graph
+            # comes from the precomputed kNN lists, the initial layout from ``init``.
+            return reducer.fit_transform(np.zeros((n, 1), dtype=np.float32))
+
+    out[present] = run_cancellable(fit, monitor).astype(np.float32)  # see segment_umap
     return out

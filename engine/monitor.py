@@ -10,8 +10,12 @@ parent, so each step of a pipeline can report 0..1 without knowing its place in 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Cancelled(Exception):
@@ -75,3 +79,33 @@ class Monitor:
 
 def silent() -> Monitor:
     return Monitor()
+
+
+def run_cancellable(function: Callable[[], T], monitor: Monitor,
+                    poll_seconds: float = 0.05) -> T:
+    """``function()``'s result, but a cancel is honoured within ``poll_seconds`` even while
+    ``function`` sits in code that never checks (a library's JIT compilation, a nearest-neighbour
+    search).
+
+    ``function`` runs in a daemon thread; on a cancel :class:`Cancelled` is raised here at once
+    and the thread is abandoned: it ends at its own next cancel check (if it checks the same
+    monitor) or when its work is done, and its result is dropped. Its exceptions are raised here.
+    """
+    outcome: dict[str, object] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = error
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=target, name="hsi-cluster-cancellable", daemon=True)
+    worker.start()
+    while not done.wait(poll_seconds):
+        monitor.check()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]

@@ -87,7 +87,7 @@ import torch.nn.functional as functional
 from torch import nn
 
 from engine.device import resolve_device, seed_everything
-from engine.model_file import read_model_file
+from engine.model_file import read_model_file, write_model_file
 from engine.monitor import Monitor, silent
 from engine.raster_io import (
     FLOAT_NODATA,
@@ -672,13 +672,11 @@ class MS2ANet:
                          "training_pixels": self.training_pixels, "seed": self.seed,
                          "inference_tile": self.inference_tile},
         }
-        with atomic_output(path) as temporary:
-            torch.save(payload, temporary)
-        return Path(path)
+        return write_model_file(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> MS2ANet:
-        payload = read_model_file(path)
+        payload = read_model_file(path, ALGORITHM_NAME)
         if payload.get("algorithm") != ALGORITHM_NAME:
             raise ValueError(
                 f"'{path}' is a model of the '{payload.get('algorithm')}' algorithm, not an "

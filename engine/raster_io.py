@@ -9,11 +9,9 @@ failure or a cancel never leaves a half-written output behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from engine.monitor import Monitor, silent
+from engine.safe_files import atomic_output  # noqa: F401  (re-exported: the writers' one path)
 
 MIN_BANDS = 3
 
@@ -89,6 +88,23 @@ def _open(path: str | os.PathLike) -> rasterio.io.DatasetReader:
         ) from error
 
 
+def read_band(dataset, band: int, path: str | os.PathLike, window=None) -> np.ndarray:
+    """One band (or a window of it) as float32; ValueError for a damaged or truncated file."""
+    if dataset.dtypes[band - 1].startswith("complex"):  # complex_int16, complex64, ...
+        raise ValueError(
+            f"'{path}' holds complex numbers ({dataset.dtypes[band - 1]}, e.g. SAR data); "
+            "clustering needs real-valued bands. Convert it first (e.g. to amplitude with the "
+            "Raster Calculator)."
+        )
+    try:
+        return dataset.read(band, window=window).astype(np.float32, copy=False)
+    except RasterioIOError as error:
+        raise ValueError(
+            f"'{path}' cannot be read to the end: band {band} is damaged or the file is "
+            "truncated (an interrupted copy or download?). Copy or export the raster again."
+        ) from error
+
+
 def read_grid(path: str | os.PathLike) -> RasterGrid:
     with _open(path) as dataset:
         crs = dataset.crs.to_wkt() if dataset.crs else None
@@ -130,7 +146,7 @@ def read_raster(
         names: list[str] = []
         non_finite_pixels = np.zeros((height, width), dtype=bool)
         for position, band in enumerate(band_numbers):
-            values = dataset.read(band).astype(np.float32, copy=False)
+            values = read_band(dataset, band, path)
             nodata = dataset.nodatavals[band - 1]
             np.isfinite(values, out=band_valid)
             # A NaN nodata value is already covered by the isfinite test.
@@ -158,6 +174,11 @@ def read_raster(
         monitor.warn(
             f"Band(s) {dropped} hold no valid value (all nodata) and were left out, as for "
             "water-vapour absorption bands."
+        )
+    if not kept:
+        raise ValueError(
+            f"'{path}' has no valid pixel: every selected band is entirely nodata (or NaN/inf). "
+            "Check the raster's nodata value and the band selection."
         )
     if len(kept) < min_bands:
         raise ValueError(
@@ -190,37 +211,38 @@ def read_raster(
     )
 
 
+def has_valid_pixel(path: str | os.PathLike, bands: Sequence[int],
+                    monitor: Monitor | None = None) -> bool:
+    """Whether some pixel is valid (not nodata, finite) in all ``bands``: read block by block,
+    stopping at the first block that has one, so a normal raster costs one block."""
+    monitor = monitor or silent()
+    with _open(path) as dataset:
+        if not bands or max(bands) > dataset.count:
+            return False
+        windows = [window for _, window in dataset.block_windows(1)]
+        for index, window in enumerate(windows):
+            valid = None
+            for band in bands:
+                values = read_band(dataset, band, path, window=window)
+                band_valid = np.isfinite(values)
+                nodata = dataset.nodatavals[band - 1]
+                if nodata is not None and np.isfinite(nodata):
+                    band_valid &= values != np.float32(nodata)
+                valid = band_valid if valid is None else valid & band_valid
+                if not valid.any():
+                    break
+            if valid is not None and valid.any():
+                return True
+            monitor.progress((index + 1) / len(windows))
+    return False
+
+
 def smallest_unsigned_dtype(max_value: int) -> str:
     if max_value <= np.iinfo(np.uint8).max:
         return "uint8"
     if max_value <= np.iinfo(np.uint16).max:
         return "uint16"
     return "uint32"
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto ``path`` only on success."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.exists():
-        raise ValueError(f"The output folder '{folder}' does not exist. Choose an existing folder.")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(
-            f"The output folder '{folder}' is not writable. Choose a folder you can write to."
-        )
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix,
-                                         dir=folder)
-    os.close(handle)
-    temporary_path = Path(temporary)
-    try:
-        yield temporary_path
-        os.replace(temporary_path, target)
-    finally:
-        if temporary_path.exists():
-            temporary_path.unlink()
-        for sidecar in folder.glob(f"{temporary_path.name}.*"):  # .aux.xml written by GDAL
-            sidecar.unlink()
 
 
 def _profile(grid: RasterGrid, count: int, dtype: str, nodata: float | int) -> dict:
@@ -285,7 +307,9 @@ def write_float_raster(
 def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, RasterGrid]:
     """Read a single-band label raster (band 1) as int64, nodata mapped to 0."""
     with _open(path) as dataset:
-        labels = dataset.read(1)
+        labels = dataset.read(1) if dataset.count else None
+        if labels is None:
+            raise ValueError(f"'{path}' has no band.")
         nodata = dataset.nodata
         grid = RasterGrid(
             dataset.height, dataset.width, dataset.crs.to_wkt() if dataset.crs else None,

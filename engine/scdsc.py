@@ -80,11 +80,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 from torch import nn
 
 from engine.device import resolve_device, seed_everything
 from engine.finch import mini_clusters
+from engine.kmeans import cancellable_kmeans
 from engine.monitor import Monitor, silent
 from engine.patch_features import patch_pca_features
 from engine.preprocessing import (
@@ -593,16 +593,18 @@ class SCDSC:
             centre = codes.reshape(codes.shape[0], self.latent_channels, -1).mean(axis=(0, 2))
             codes -= np.repeat(centre, size * size)[None, :].astype(np.float32)
             self._initial_code_centre = torch.from_numpy(centre.astype(np.float32))
-        kmeans = KMeans(self.n_clusters, n_init=self.kmeans_n_init, random_state=self.seed)
         if self.init_partition_ == "spectra":
             # Partition the sampled pixels by their (context-smoothed) input spectra; the bases
             # are still the top singular directions of each part's latent codes.
-            assignment = kmeans.fit_predict(self._context_image[sample_rows, sample_cols])
+            partitioned = self._context_image[sample_rows, sample_cols]
         else:
-            assignment = kmeans.fit_predict(codes)
-        monitor.progress(0.8)
+            partitioned = codes
+        # Restart by restart, so a cancel stops within one restart (same result as KMeans).
+        assignment = cancellable_kmeans(partitioned, self.n_clusters, self.kmeans_n_init,
+                                        self.seed, monitor.stage(0.4, 0.8))
         bases = np.zeros((self.n_clusters * self.basis_dim, codes.shape[1]), dtype=np.float32)
         for cluster in range(self.n_clusters):
+            monitor.check()
             members = codes[assignment == cluster]
             directions = np.zeros((0, codes.shape[1]), dtype=np.float32)
             if members.shape[0] > 0:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.device import resolve_device
-from engine.model_file import read_model_file
+from engine.model_file import read_model_file, write_model_file
 from engine.monitor import Monitor, silent
 from engine.preprocessing import SpectralPreprocessing, pixels_to_image
 from engine.raster_io import _profile, atomic_output, read_grid, smallest_unsigned_dtype
@@ -91,14 +91,12 @@ def save_scdsc_model(estimator: SCDSC, path: str | os.PathLike, band_numbers: li
         "source_band_count": int(source_band_count),
         "n_clusters": int(estimator.n_clusters),
     }
-    with atomic_output(path) as temporary:
-        torch.save(payload, temporary)
-    return Path(path)
+    return write_model_file(payload, path)
 
 
 def load_scdsc_model(path: str | os.PathLike, device: str = "cpu") -> SCDSCModel:
     """Read a model file written by :func:`save_scdsc_model`; ValueError when it is none."""
-    payload = read_model_file(path)
+    payload = read_model_file(path, ALGORITHM_NAME)
     if payload.get("algorithm") != ALGORITHM_NAME:
         raise ValueError(f"'{path}' is a model of the '{payload.get('algorithm')}' algorithm, "
                          "not an SCDSC model.")

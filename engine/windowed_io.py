@@ -19,6 +19,8 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from engine.raster_io import read_band
+
 # GDAL keeps every block it reads in its cache, up to 5 % of the RAM by default: on a large raster
 # that cache, not the tiles, would set the peak memory. Windowed inference bounds it to this
 # (rasterio's own GDAL; QGIS's GDAL is not affected).
@@ -113,7 +115,7 @@ def raster_window_reader(dataset: rasterio.io.DatasetReader,
                         dtype=np.float32)
         valid = np.ones((window.read_height, window.read_width), dtype=bool)
         for position, band in enumerate(band_numbers):
-            values = dataset.read(band, window=area).astype(np.float32, copy=False)
+            values = read_band(dataset, band, dataset.name, window=area)
             band_valid = np.isfinite(values)
             nodata = dataset.nodatavals[band - 1]
             if nodata is not None and np.isfinite(nodata):

@@ -14,7 +14,7 @@ from engine.device import DEVICE_CHOICES
 from engine.model_file import read_model_file
 from engine.ms2anet import ALGORITHM_NAME as MS2ANET
 from engine.ms2anet import MS2ANet, predict_raster
-from engine.raster_io import read_grid
+from engine.raster_io import has_valid_pixel, read_grid
 from engine.scdsc_model import ALGORITHM_NAME as SCDSC
 from engine.scdsc_model import apply_scdsc_model
 from processing_provider import outputs, styles
@@ -59,6 +59,24 @@ class ApplyModelAlgorithm(HSIAlgorithm):
         ), advanced=True)
         self.add_raster_output(self.OUTPUT, "Clusters")
 
+    def check_parameters(self, parameters, context) -> None:
+        super().check_parameters(parameters, context)
+        model_path = self.parameterAsFile(parameters, self.MODEL, context)
+        header = read_model_file(model_path)  # schema-checked: a clear error for a bad file
+        if header["algorithm"] not in (MS2ANET, SCDSC):
+            raise ValueError(
+                f"'{model_path}' is a model of the '{header['algorithm']}' algorithm; Apply "
+                "clustering model applies MS2A-Net and SCDSC models."
+            )
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        expected = header["source_band_count"]
+        if layer is not None and layer.isValid() and layer.bandCount() != expected:
+            raise ValueError(
+                f"The model expects a raster with {expected} band(s) (the raster it was "
+                f"trained on); the input '{layer.name()}' has {layer.bandCount()}. Apply the "
+                "model to a raster of the same sensor and band layout."
+            )
+
     def run_algorithm(self, parameters, context, feedback, monitor,
                       written: OutputFiles) -> dict[str, Any]:
         label_path = self.output_path(parameters, self.OUTPUT, context)
@@ -67,6 +85,12 @@ class ApplyModelAlgorithm(HSIAlgorithm):
         header = read_model_file(model_path)
         kind = header["algorithm"]
         source_path = self.input_raster_path(parameters, context)
+        bands = header["band_numbers"]
+        if not has_valid_pixel(source_path, bands, monitor.stage(0.0, 0.0)):
+            raise ValueError(
+                f"'{source_path}' has no valid pixel in the model's bands: every pixel is nodata "
+                "(or NaN/inf) in at least one of them. Check the raster's nodata value."
+            )
         if kind == MS2ANET:
             model = MS2ANet.load(model_path, device=self.device(parameters, context))
             written.add(label_path)

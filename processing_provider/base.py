@@ -8,29 +8,42 @@ removes every output already written when a run fails, so nothing half-written i
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from qgis.core import (
+    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingOutputLayerDefinition,
     QgsProcessingParameterBand,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterMapLayer,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterVectorDestination,
+    QgsProcessingParameterVectorLayer,
+    QgsProperty,
 )
+from rasterio.errors import RasterioError
 
+from engine import safe_files
 from engine.cluster_stats import ClusterStatistics, cluster_statistics
 from engine.device import DEVICE_CHOICES
 from engine.monitor import Cancelled, Monitor
 from engine.raster_io import RasterData, RasterGrid, read_raster, write_float_raster
+from engine.safe_files import OutputLedger
 from processing_provider import outputs, styles
 
 # Tags of every algorithm (the toolbox search matches them); subclasses add their own.
@@ -42,6 +55,17 @@ def reflow_html(text: str) -> str:
     """Help HTML as one line: QGIS's help panel shows every newline of the source as a
     paragraph gap, so only the HTML tags may structure the text."""
     return re.sub(r"\s+", " ", text).strip()
+
+
+# What the writers produce: GeoTIFF rasters (rasterio), GeoPackage vectors (OGR). Declared to
+# QGIS by the provider, so its file dialogs offer only these; other names are refused before
+# any work instead of getting a GeoTIFF named .png.
+RASTER_EXTENSIONS = ("tif", "tiff")
+VECTOR_EXTENSIONS = ("gpkg",)
+
+
+def _format_name(extensions: tuple[str, ...]) -> str:
+    return "a GeoTIFF" if extensions == RASTER_EXTENSIONS else "a GeoPackage"
 
 
 def feedback_monitor(feedback: QgsProcessingFeedback | None) -> Monitor:
@@ -56,20 +80,14 @@ def feedback_monitor(feedback: QgsProcessingFeedback | None) -> Monitor:
     )
 
 
-class OutputFiles:
-    """Paths this run has written; removed again if the run fails."""
-
-    def __init__(self) -> None:
-        self.paths: list[Path] = []
+class OutputFiles(OutputLedger):
+    """The files this run writes (see ``engine.safe_files.OutputLedger``): on failure the ones it
+    created are removed and the ones that existed before are restored, never deleted."""
 
     def add(self, *paths: str | os.PathLike) -> None:
-        self.paths.extend(Path(p) for p in paths)
-
-    def remove_all(self) -> None:
-        for path in self.paths:
-            for candidate in (path, path.with_suffix(".qml"), Path(f"{path}.aux.xml")):
-                if candidate.exists():
-                    candidate.unlink()
+        """Claim paths before writing them (the base claims every declared output anyway)."""
+        for path in paths:
+            self.claim(path)
 
 
 class HSIAlgorithm(QgsProcessingAlgorithm):
@@ -123,24 +141,230 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
         return {}
 
     # ---------------------------------------------------------------- the run
+    def checkParameterValues(self, parameters: dict,  # noqa: N802 - QGIS naming
+                             context: QgsProcessingContext) -> tuple[bool, str]:
+        ok, message = super().checkParameterValues(parameters, context)
+        if not ok:
+            return ok, message
+        try:
+            self.check_parameters(parameters, context)
+        except (QgsProcessingException, ValueError) as error:
+            return False, str(error)
+        return True, ""
+
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         monitor = feedback_monitor(feedback)
         written = OutputFiles()
         self._styled_outputs = []
-        try:
-            return self.run_algorithm(parameters, context, feedback, monitor, written)
-        except Cancelled:
-            written.remove_all()
-            raise QgsProcessingException(
-                f"{self.display_name} was cancelled; no output was written."
-            ) from None
-        except ValueError as error:
-            written.remove_all()
-            raise QgsProcessingException(str(error)) from error
-        except BaseException:
-            written.remove_all()
-            raise
+        with safe_files.cleanup_on_termination():
+            try:
+                # Again here: batch runs and scripts may skip checkParameterValues.
+                self.check_parameters(parameters, context)
+                for path, in_place in self.output_files(parameters, context):
+                    written.claim(path, replaced_by_rename=not in_place)
+                with written.active():
+                    return self.run_algorithm(parameters, context, feedback, monitor, written)
+            except Cancelled:
+                raise QgsProcessingException(
+                    f"{self.display_name} was cancelled; no output was written (files that "
+                    "existed before are unchanged)."
+                ) from None
+            except QgsProcessingException:
+                raise
+            except ValueError as error:
+                raise QgsProcessingException(str(error)) from error
+            except MemoryError:
+                raise QgsProcessingException(
+                    f"{self.display_name} ran out of memory. Use a smaller raster (clip it, "
+                    "Raster ▸ Extraction ▸ Clip Raster by Extent) or fewer bands, or close other "
+                    "programs."
+                ) from None
+            except OSError as error:
+                raise QgsProcessingException(
+                    f"{self.display_name} could not read or write "
+                    f"'{error.filename or 'a file'}': {error.strerror or error}. Check the disk "
+                    "space and the permissions of the folder."
+                ) from None
+            except RasterioError as error:
+                raise QgsProcessingException(
+                    f"{self.display_name}: GDAL could not read or write a raster ({error}). "
+                    "The file may be damaged or truncated; check it opens in QGIS."
+                ) from None
+            except Exception as error:  # noqa: BLE001 - a bug: say so without a traceback
+                feedback.pushDebugInfo(traceback.format_exc())
+                raise QgsProcessingException(
+                    f"{self.display_name} failed unexpectedly ({type(error).__name__}: "
+                    f"{error}). No output was written. This is a bug in HSI Cluster: please "
+                    "report it with the log (the details are in the log at debug level)."
+                ) from None
+
+    # ---------------------------------------------------------------- checks before any work
+    def check_parameters(self, parameters: dict, context: QgsProcessingContext) -> None:
+        """Raise QgsProcessingException/ValueError for values no run can succeed with; cheap
+        (no training, no full read), so it also runs when the dialog checks parameters."""
+        for definition in self.parameterDefinitions():
+            name = definition.name()
+            if (isinstance(definition, QgsProcessingParameterNumber)
+                    and parameters.get(name) not in (None, "")):
+                value = self.parameterAsDouble(parameters, name, context)
+                if not math.isfinite(value):
+                    raise QgsProcessingException(
+                        f"'{definition.description()}' ({name}) is {value}: give a finite number."
+                    )
+        if self.parameterDefinition(self.BANDS) is not None:
+            bands = self.parameterAsInts(parameters, self.BANDS, context) or []
+            repeated = sorted({band for band in bands if bands.count(band) > 1})
+            if repeated:
+                raise QgsProcessingException(
+                    f"Band(s) {repeated} are selected more than once in 'Bands to use'. Select "
+                    "each band once."
+                )
+        inputs = self.input_files(parameters, context)
+        outputs_ = self.output_files(parameters, context)
+        self._check_outputs(parameters, context, inputs, outputs_)
+
+    def input_files(self, parameters: dict, context: QgsProcessingContext) -> list[Path]:
+        """Files the run reads: layer sources and file parameters (outputs must differ)."""
+        found: list[Path] = []
+        for definition in self.parameterDefinitions():
+            if definition.isDestination() or parameters.get(definition.name()) in (None, ""):
+                continue
+            name = definition.name()
+            source = ""
+            if isinstance(definition, QgsProcessingParameterFile):
+                source = self.parameterAsFile(parameters, name, context)
+            elif isinstance(definition, (QgsProcessingParameterRasterLayer,
+                                         QgsProcessingParameterMapLayer,
+                                         QgsProcessingParameterVectorLayer,
+                                         QgsProcessingParameterFeatureSource)):
+                layer = self.parameterAsLayer(parameters, name, context)
+                if layer is not None:
+                    source = layer.source()
+            path = source.split("|")[0] if source else ""
+            if path and Path(path).exists():
+                found.append(Path(path))
+        return found
+
+    def destination_path(self, parameters: dict, definition,
+                         context: QgsProcessingContext) -> str:
+        """The file a destination parameter names ('' for none, a temporary output, memory or a
+        database). Read from the value itself: ``parameterAsOutputLayer`` would also register
+        a layer to load on completion (a new temporary name per call)."""
+        value = parameters.get(definition.name())
+        if isinstance(value, QgsProcessingOutputLayerDefinition):
+            value = value.sink.valueAsString(context.expressionContext(), "")[0]
+        elif isinstance(value, QgsProperty):
+            value = value.valueAsString(context.expressionContext(), "")[0]
+        text = str(value or "").strip()
+        if not text or text == QgsProcessing.TEMPORARY_OUTPUT or \
+                text.startswith(("memory:", "ogr:", "postgres", "spatialite:")) or "://" in text:
+            return ""
+        path = text.split("|")[0]
+        if not Path(path).suffix and hasattr(definition, "defaultFileExtension"):
+            path = f"{path}.{definition.defaultFileExtension()}"
+        return os.path.abspath(path)
+
+    def output_files(self, parameters: dict,
+                     context: QgsProcessingContext) -> list[tuple[str, bool]]:
+        """(path, written in place) of every file output this run will write (temporary
+        outputs excepted: QGIS gives them fresh names in its own folder)."""
+        files: list[tuple[str, bool]] = []
+        for definition in self.destinationParameterDefinitions():
+            path = self.destination_path(parameters, definition, context)
+            if path:
+                in_place = isinstance(definition, QgsProcessingParameterFeatureSink)
+                files.append((path, in_place))
+        return files
+
+    def output_extensions(self, definition) -> tuple[str, ...] | None:
+        """The extensions an output parameter accepts (None: any)."""
+        if isinstance(definition, QgsProcessingParameterRasterDestination):
+            return RASTER_EXTENSIONS
+        if isinstance(definition, QgsProcessingParameterVectorDestination):
+            return VECTOR_EXTENSIONS
+        return None
+
+    def replaceable_geopackage(self, path: Path) -> bool:
+        """May this run replace the existing GeoPackage ``path``? Only when it holds nothing but
+        the layer this algorithm writes there (named after the file)."""
+        layers = outputs.geopackage_layers(path)
+        if layers is None:  # not a GeoPackage GDAL can read: only an empty file may go
+            return path.stat().st_size == 0
+        return set(layers) <= {path.stem}
+
+    def _check_outputs(self, parameters, context, inputs: list[Path],
+                       files: list[tuple[str, bool]]) -> None:
+        destinations = {}
+        for definition in self.destinationParameterDefinitions():
+            path = self.destination_path(parameters, definition, context)
+            if path:
+                destinations[path] = definition
+        probes: dict[Path, safe_files.FolderProbe] = {}
+        identities: list[tuple[tuple, str]] = []
+        for path_text, _ in files:
+            path = Path(path_text)
+            definition = destinations.get(path_text)
+            description = definition.description() if definition is not None else path.name
+            extensions = self.output_extensions(definition) if definition is not None else None
+            if extensions and path.suffix.lower().lstrip(".") not in extensions:
+                raise QgsProcessingException(
+                    f"'{path}' ({description}): this output is written as "
+                    f"{_format_name(extensions)}, so its file name must end in "
+                    f"{' or '.join('.' + e for e in extensions)}. Rename the output."
+                )
+            probe = probes.get(path.parent)
+            if probe is None:
+                probe = outputs.probe_output_folder(path)
+                probes[path.parent] = probe
+            identity = safe_files.file_identity(path, probe.case_insensitive)
+            for source in inputs:
+                if safe_files.file_identity(source) == identity:
+                    raise QgsProcessingException(
+                        f"The output '{path}' ({description}) is the input '{source}': the run "
+                        "would overwrite its own input. Choose another output file name."
+                    )
+            if path.is_dir():
+                raise QgsProcessingException(f"'{path}' ({description}) is a folder; give a "
+                                             "file name.")
+            if path.exists() and not os.access(path, os.W_OK):
+                raise QgsProcessingException(
+                    f"Cannot replace '{path}' ({description}): the file is read-only."
+                )
+            if (path.suffix.lower() == ".gpkg" and path.is_file()
+                    and not self.replaceable_geopackage(path)):
+                layers = outputs.geopackage_layers(path)
+                raise QgsProcessingException(
+                    f"'{path}' ({description}) already exists and was not written by "
+                    f"{self.display_name} ("
+                    + (f"it holds the layers {', '.join(layers)}" if layers is not None
+                       else "it is no GeoPackage GDAL can read")
+                    + "). This algorithm replaces the whole file, so its contents would be "
+                    "lost: choose another file name (or delete the file first)."
+                )
+            styled = isinstance(definition, (QgsProcessingParameterRasterDestination,
+                                             QgsProcessingParameterVectorDestination))
+            style = safe_files.file_identity(path.with_suffix(".qml"), probe.case_insensitive)
+            for source in inputs if styled else []:
+                if (source.with_suffix(".qml").exists()
+                        and safe_files.file_identity(source.with_suffix(".qml")) == style):
+                    raise QgsProcessingException(
+                        f"The output '{path}' ({description}) would replace the style file "
+                        f"'{source.with_suffix('.qml')}' of the input '{source}'. Choose "
+                        "another output file name."
+                    )
+            # Layer outputs that differ only in the extension would share one .qml style.
+            stem = (safe_files.file_identity(path.with_suffix(""), probe.case_insensitive)
+                    if styled else None)
+            for other_identity, other in identities:
+                if other_identity[0] == identity or (stem is not None
+                                                     and other_identity[1] == stem):
+                    raise QgsProcessingException(
+                        f"Two outputs name the same file: '{other}' and '{path}' (also when only "
+                        "the extension differs, they would share a .qml style). Give each "
+                        "output its own file name."
+                    )
+            identities.append(((identity, stem), str(path)))
 
     # ---------------------------------------------------------------- loading the outputs
     def style_output(self, key: str, output: str, style: styles.LayerStyle, name: str,

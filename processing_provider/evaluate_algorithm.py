@@ -137,13 +137,25 @@ class EvaluateClusteringAlgorithm(HSIAlgorithm):
                 "QGIS can read.")
         return layer
 
+    def check_parameters(self, parameters, context) -> None:
+        super().check_parameters(parameters, context)
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is not None and layer.isValid() and layer.bandCount() != 1:
+            raise ValueError(
+                f"The cluster raster '{layer.name()}' has {layer.bandCount()} bands; a cluster "
+                "raster has one band of cluster numbers (the output of SCDSC, MS2A-Net or "
+                "Apply clustering model). Choose the clustering result, not the image."
+            )
+
     def run_algorithm(self, parameters, context, feedback, monitor,
                       written: OutputFiles) -> dict[str, Any]:
         cluster_path = self.input_raster_path(parameters, context)
         predicted, grid = read_labels(cluster_path)
+        check_label_values(cluster_path, "cluster raster")
         reference_layer = self._reference_layer(parameters, context)
         class_names: dict[int, str] = {}
         if isinstance(reference_layer, QgsRasterLayer):
+            check_label_values(reference_layer.source().split("|")[0], "reference raster")
             reference = _reference_raster_on_grid(reference_layer.source(), grid, feedback)
         elif isinstance(reference_layer, QgsVectorLayer):
             field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
@@ -184,6 +196,11 @@ class EvaluateClusteringAlgorithm(HSIAlgorithm):
         fields.append(QgsField("accuracy", QVariant.Double))
         sink, destination = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields,
                                                  QgsWkbTypes.NoGeometry)
+        if sink is None:
+            raise QgsProcessingException(
+                f"The per-class accuracy table '{parameters.get(self.OUTPUT_TABLE)}' could not "
+                "be created. Choose a writable folder and a vector format (e.g. .gpkg or .csv)."
+            )
         cluster_of_class = {class_id: cluster for cluster, class_id in scores.mapping.items()}
         for class_id, accuracy in sorted(scores.per_class_accuracy.items()):
             feature = QgsFeature(fields)
@@ -192,8 +209,52 @@ class EvaluateClusteringAlgorithm(HSIAlgorithm):
                 int(cluster_of_class.get(class_id, 0)), int((reference == class_id).sum()),
                 float(accuracy),
             ])
-            sink.addFeature(feature, QgsFeatureSink.FastInsert)
+            if not sink.addFeature(feature, QgsFeatureSink.FastInsert):
+                raise QgsProcessingException(
+                    f"Writing the per-class accuracy table '{destination}' failed: "
+                    f"{sink.lastError() or 'the file could not be written'}."
+                )
+        if hasattr(sink, "flushBuffer") and not sink.flushBuffer():
+            raise QgsProcessingException(
+                f"Writing the per-class accuracy table '{destination}' failed: "
+                f"{sink.lastError() or 'the file could not be written'}."
+            )
         return destination
+
+
+# A raster with more distinct values than this is no cluster or class raster (reflectance, an
+# index, a DEM): scoring it would give meaningless figures.
+MAX_LABEL_VALUES = 1000
+
+
+def check_label_values(path: str, what: str) -> None:
+    """ValueError unless ``path``'s band 1 holds whole numbers with at most MAX_LABEL_VALUES
+    distinct values (block by block; stops at the first offence)."""
+    import rasterio
+
+    seen: set[int] = set()
+    with rasterio.open(path) as dataset:
+        nodata = dataset.nodata
+        for _, window in dataset.block_windows(1):
+            values = dataset.read(1, window=window)
+            if nodata is not None:
+                values = values[values != nodata]
+            if np.issubdtype(values.dtype, np.floating):
+                values = values[np.isfinite(values)]
+                if np.any(values != np.round(values)):
+                    raise ValueError(
+                        f"The {what} '{path}' holds fractional values (such as "
+                        f"{values[values != np.round(values)][0]:g}); cluster and class rasters "
+                        "hold whole numbers (0 = nodata). Choose a clustering result or a "
+                        "label raster."
+                    )
+            seen.update(np.unique(values).astype(np.int64).tolist())
+            if len(seen) > MAX_LABEL_VALUES:
+                raise ValueError(
+                    f"The {what} '{path}' holds more than {MAX_LABEL_VALUES} distinct values; "
+                    "that is no cluster or class raster (an image band?). Choose a clustering "
+                    "result or a label raster."
+                )
 
 
 def _reference_raster_on_grid(path: str, grid: RasterGrid, feedback) -> np.ndarray:

@@ -30,6 +30,7 @@ from processing_provider.labelling_outputs import (
     SEGMENTS_LAYER,
     layer_uri,
     write_labelling_geopackage,
+    wrote_labelling_geopackage,
 )
 
 GNN_LABELS = {"gcn": "GCN (graph convolution, best in the paper)",
@@ -214,6 +215,10 @@ class LabellingEmbeddingAlgorithm(HSIAlgorithm):
             self.CHIPS, "Chips (layer 'chips' of the Segments GeoPackage)",
             QgsProcessing.TypeVectorPolygon,
         ))
+
+    def replaceable_geopackage(self, path: Path) -> bool:
+        """Only a GeoPackage this algorithm wrote (its metadata table says so) is replaced."""
+        return wrote_labelling_geopackage(path, f"hsicluster:{self.algorithm_id}")
 
     # ---------------------------------------------------------------- run
     def _rgb_cube_indices(self, parameters: dict, context: QgsProcessingContext,

@@ -52,6 +52,25 @@ def layer_uri(path: str | os.PathLike, layer_name: str) -> str:
     return f"{path}|layername={layer_name}"
 
 
+def wrote_labelling_geopackage(path: str | os.PathLike, algorithm: str) -> bool:
+    """Whether ``path`` is a GeoPackage whose metadata table names ``algorithm`` as its writer
+    (or an empty file): only such a file may be replaced by a new labelling embedding."""
+    if Path(path).stat().st_size == 0:
+        return True
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = ogr.Open(str(path))
+        table = dataset.GetLayerByName(METADATA_TABLE) if dataset is not None else None
+        if table is None:
+            return False
+        for feature in table:
+            if feature.GetField("key") == "algorithm" and feature.GetField("value") == algorithm:
+                return True
+        return False
+    finally:
+        gdal.PopErrorHandler()
+
+
 def area_unit(grid: RasterGrid) -> str:
     """What the ``area`` field measures for rasters on this grid."""
     if not grid.crs_wkt:

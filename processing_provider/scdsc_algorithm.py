@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgis.core import QgsProcessingParameterEnum, QgsProcessingParameterFileDestination
+from qgis.core import (
+    QgsProcessingException,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFileDestination,
+)
 
 from engine.raster_io import pixel_size_metres
+from engine.resources import available_memory_bytes, largest_scdsc_pixels, scdsc_peak_bytes
 from engine.scdsc import SCDSC
 from engine.scdsc_model import save_scdsc_model
 from processing_provider import outputs, styles
@@ -100,6 +105,27 @@ class SCDSCClusteringAlgorithm(HSIAlgorithm):
             self.OUTPUT_MODEL, "Model file (for Apply clustering model)", "SCDSC model (*.pt)",
             optional=True, createByDefault=False,
         ))
+
+    def check_parameters(self, parameters, context) -> None:
+        super().check_parameters(parameters, context)
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None or not layer.isValid():
+            return
+        n_pixels = layer.width() * layer.height()
+        n_bands = len(self.parameterAsInts(parameters, self.BANDS, context) or []) \
+            or layer.bandCount()
+        needed = scdsc_peak_bytes(n_pixels, n_bands)
+        available = available_memory_bytes()
+        if needed > available:
+            largest = largest_scdsc_pixels(available, n_bands)
+            raise QgsProcessingException(
+                f"SCDSC on '{layer.name()}' ({n_pixels:,} pixels, {n_bands} bands) would need "
+                f"about {needed / 2**30:.1f} GB of memory; {available / 2**30:.1f} GB are "
+                f"available. Use a smaller Input raster (INPUT): clip it to at most about "
+                f"{largest:,} pixels (Raster ▸ Extraction ▸ Clip Raster by Extent), train on "
+                "the crop with a Model file, then map the whole scene with Apply clustering "
+                "model, which works window by window."
+            )
 
     def run_algorithm(self, parameters, context, feedback, monitor,
                       written: OutputFiles) -> dict[str, Any]:
