@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from osgeo import gdal
 from qgis.core import (
     QgsProcessing,
     QgsProcessingAlgorithm,
@@ -34,6 +35,7 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterVectorDestination,
     QgsProcessingParameterVectorLayer,
+    QgsProject,
     QgsProperty,
 )
 from rasterio.errors import RasterioError
@@ -143,6 +145,9 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
     # ---------------------------------------------------------------- the run
     def checkParameterValues(self, parameters: dict,  # noqa: N802 - QGIS naming
                              context: QgsProcessingContext) -> tuple[bool, str]:
+        problem = self.unreadable_input_file(parameters)
+        if problem:
+            return False, problem
         ok, message = super().checkParameterValues(parameters, context)
         if not ok:
             return ok, message
@@ -200,6 +205,40 @@ class HSIAlgorithm(QgsProcessingAlgorithm):
                 ) from None
 
     # ---------------------------------------------------------------- checks before any work
+    def unreadable_input_file(self, parameters: dict) -> str:
+        """A message for a layer input given as a file path that is missing or that GDAL/OGR
+        cannot open ('' when there is none): QGIS's own check says "not found" for both."""
+        for definition in self.parameterDefinitions():
+            value = parameters.get(definition.name())
+            if definition.isDestination() or not isinstance(value, str) or not value.strip():
+                continue
+            if not isinstance(definition, (QgsProcessingParameterRasterLayer,
+                                           QgsProcessingParameterVectorLayer,
+                                           QgsProcessingParameterMapLayer,
+                                           QgsProcessingParameterFeatureSource)):
+                continue
+            path = value.split("|")[0]
+            if QgsProject.instance().mapLayer(value) is not None or \
+                    QgsProject.instance().mapLayersByName(value) or "://" in path or \
+                    "=" in path:
+                continue  # a project layer, a database or service URI: QGIS resolves those
+            if not Path(path).exists():
+                return (f"'{definition.description()}': the file '{path}' does not exist. "
+                        "Choose an existing file.")
+            raster = isinstance(definition, QgsProcessingParameterRasterLayer)
+            gdal.PushErrorHandler("CPLQuietErrorHandler")
+            try:
+                opened = (gdal.OpenEx(path, gdal.OF_RASTER if raster else
+                                      gdal.OF_RASTER | gdal.OF_VECTOR) is not None)
+            finally:
+                gdal.PopErrorHandler()
+            if not opened:
+                kind, advice = (("a raster", "Choose a GeoTIFF or another GDAL raster.")
+                                if raster else ("a layer", "Choose a file QGIS can open."))
+                return (f"'{definition.description()}': '{path}' is not {kind} GDAL can read "
+                        f"(damaged, or another kind of file). {advice}")
+        return ""
+
     def check_parameters(self, parameters: dict, context: QgsProcessingContext) -> None:
         """Raise QgsProcessingException/ValueError for values no run can succeed with; cheap
         (no training, no full read), so it also runs when the dialog checks parameters."""
