@@ -543,6 +543,27 @@ def _(folder, kit):
     return Setup({"INPUT": str(kit.truth), "REFERENCE_RASTER": str(reference)}, protect=[reference])
 
 
+@case("polygon reference in another CRS (EPSG:4326)", "evaluateclustering", "ok")
+def _(folder, kit):
+    with rasterio.open(kit.truth) as dataset:
+        bounds, source_crs = dataset.bounds, dataset.crs
+    source = osr.SpatialReference()
+    source.ImportFromWkt(source_crs.to_wkt())
+    target = osr.SpatialReference()
+    target.ImportFromEPSG(4326)
+    target.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    source.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    transform = osr.CoordinateTransformation(source, target)
+    corners = [transform.TransformPoint(x, y)[:2] for x, y in (
+        (bounds.left, bounds.top), (bounds.right, bounds.top), (bounds.right, bounds.bottom),
+        (bounds.left, bounds.bottom), (bounds.left, bounds.top))]
+    ring = ",".join(f"{x} {y}" for x, y in corners)
+    polygons = write_polygons(folder / "wgs84.gpkg", 4326, [(f"POLYGON(({ring}))",
+                                                             {"class": 1})])
+    return Setup({"INPUT": str(kit.truth), "REFERENCE_POLYGONS": str(polygons),
+                  "CLASS_FIELD": "class"}, protect=[polygons])
+
+
 @case("polygon reference without the class field", "evaluateclustering", "error",
       "class field", "no field", "Incorrect parameter value")
 def _(folder, kit):

@@ -400,3 +400,18 @@ print(segment_umap(points).shape)
                             timeout=600, cwd=Path(__file__).resolve().parent.parent,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.stdout.split() == ["cancelled", "(300,", "2)"], result.stderr[-3000:]
+
+
+def test_scdsc_memory_estimate_matches_the_measured_peaks() -> None:
+    """Issue 17.10: the estimate reproduces the two measured whole-run peaks it was fitted to
+    (bench/results.jsonl: 1,296 MB at 110,224 pixels, 2,786 MB at 880,710 pixels, 10 bands),
+    grows with the scene, and the largest fitting crop fits."""
+    from engine.resources import largest_scdsc_pixels, scdsc_peak_bytes
+
+    megabytes = 2**20
+    assert scdsc_peak_bytes(110_224, 10) / megabytes == pytest.approx(1296, rel=0.1)
+    assert scdsc_peak_bytes(880_710, 10) / megabytes == pytest.approx(2786, rel=0.1)
+    assert scdsc_peak_bytes(14_000_000, 10) > 17 * 2**30  # the 4 x 4 mosaic that ran away
+    assert scdsc_peak_bytes(1_000_000, 200) > scdsc_peak_bytes(1_000_000, 10)
+    largest = largest_scdsc_pixels(8 * 2**30, 10)
+    assert scdsc_peak_bytes(largest, 10) <= 8 * 2**30 < scdsc_peak_bytes(largest + 1000, 10)
