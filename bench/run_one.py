@@ -101,11 +101,16 @@ def cluster(method: str, cube: np.ndarray, valid: np.ndarray, k: int, seed: int,
         # cores, torch's OpenMP threads spin-wait on each other (measured 3x slower at 2).
         threads = int(os.environ.get("BENCH_TORCH_THREADS", torch.get_num_threads()))
         torch.set_num_threads(threads)
-        result = MS2ANet(n_clusters=k, seed=seed, device="cpu", **settings).fit(cube, valid)
+        estimator = MS2ANet(n_clusters=k, seed=seed, device="cpu", **settings)
+        result = estimator.fit(cube, valid)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         # CPU seconds of the process so far: on a shared machine, wall seconds measure the
         # other jobs too; with one thread, CPU seconds ~ the wall time on a free core.
-        return result.labels, {"chosen_iteration": result.chosen_iteration,
+        return result.labels, {"setting": estimator.setting,
+                               "context_correlation": estimator.context_correlation_,
+                               "context_share": estimator.context_share_,
+                               "learning_rate": estimator.learning_rate,
+                               "chosen_iteration": result.chosen_iteration,
                                "lowest_loss": round(min(result.loss_history), 5),
                                "torch_threads": threads,
                                "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),

@@ -399,8 +399,8 @@ def run_ms2anet(context: JobContext) -> HandlerResult:
     """MS2A-Net: train on the input raster, write cluster labels, optionally code and model.
 
     Inputs ``raster``; outputs ``labels`` (required), ``features``, ``model``; parameters
-    ``n_clusters`` (required), ``bands``, ``lam``, ``iterations``, ``learning_rate``,
-    ``training_pixels`` (engine defaults when absent).
+    ``n_clusters`` (required), ``bands``, ``setting``, ``lam``, ``iterations``,
+    ``learning_rate``, ``training_pixels`` (engine defaults when absent).
     """
     import rasterio
 
@@ -414,7 +414,7 @@ def run_ms2anet(context: JobContext) -> HandlerResult:
     if not isinstance(n_clusters, int) or isinstance(n_clusters, bool):
         raise JobError("The 'ms2anet' job needs an integer parameter 'n_clusters'.")
     settings = {name: context.parameter(name) for name in
-                ("lam", "iterations", "learning_rate", "training_pixels")
+                ("setting", "lam", "iterations", "learning_rate", "training_pixels")
                 if context.parameter(name) is not None}
     monitor = context.monitor
     context.stage("reading the raster")
