@@ -15,8 +15,8 @@ The same MS2A-Net job on a small demo raster is run, alternately,
 The difference of the medians is the worker's overhead (issue 11 asks for under 3 s); the time
 to the worker's first event shows how much of it is the start-up (Python + torch import). All
 runs must give the same labels (same seed). Last, a long job is cancelled during training: the
-time from the cancel to the client's exception (issue 11: under 2 s). Appends one JSON line to
-bench/results.jsonl.
+time from the cancel to the client's exception (issue 11: under 2 s), and the same for a worker
+that ignores the cancel and has to be killed. Appends one JSON line to bench/results.jsonl.
 
     python -m bench.worker_overhead [--repeats 3] [--iterations 100] [--size 64] [--no-log]
 """
@@ -136,6 +136,30 @@ def main(argv: list[str] | None = None) -> int:
         assert not (folder / f"cancelled_{repeat}.tif").exists()
     print(f"cancel to stop: {', '.join(f'{c:.2f}' for c in cancel_seconds)} s", flush=True)
 
+    # A worker that ignores the cancel (tests/worker_jobs.py's test.ignore_cancel: SIGTERM
+    # ignored, no progress checks) must be killed: time from the cancel to the exception.
+    kill_seconds = []
+    for repeat in range(args.repeats):
+        feedback = QgsProcessingFeedback()
+        cancelled_at = []
+
+        def cancel_at_once(value, feedback=feedback, cancelled_at=cancelled_at):
+            if value > 0 and not cancelled_at:
+                cancelled_at.append(time.perf_counter())
+                feedback.cancel()
+
+        feedback.progressChanged.connect(cancel_at_once)
+        try:
+            run_job({"algorithm": "test.ignore_cancel",
+                     "outputs": {"out": str(folder / f"ignored_{repeat}.txt")}}, feedback,
+                    sys.executable, job_dir=str(folder),
+                    worker_args=("--handlers", "tests.worker_jobs"))
+        except QgsProcessingException:
+            pass
+        kill_seconds.append(time.perf_counter() - cancelled_at[0])
+        assert not (folder / f"ignored_{repeat}.txt").exists()
+    print(f"cancel to killed: {', '.join(f'{c:.2f}' for c in kill_seconds)} s", flush=True)
+
     identical = all(
         np.array_equal(read_labels(folder / f"in_{r}.tif")[0],
                        read_labels(folder / f"{kind}_{r}.tif")[0])
@@ -156,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                             - statistics.median(in_process), 2),
         "labels_identical": identical,
         "cancel_seconds_max": round(max(cancel_seconds), 2),
+        "killed_after_cancel_seconds_max": round(max(kill_seconds), 2),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": "python -m bench.worker_overhead " + " ".join(argv or sys.argv[1:]),

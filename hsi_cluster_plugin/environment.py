@@ -590,6 +590,37 @@ def remove_environment(environment_dir: str) -> bool:
     return True
 
 
+def retarget_scripts(venv_dir: str, final_dir: str) -> list:
+    """Point the ``#!`` lines of the venv's scripts (pip, torchrun, ...) at the folder the venv
+    is moved to; returns the files changed. The installer builds in a temporary folder and
+    runs everything as ``python -m``, but a user running ``bin/pip`` should find it working.
+    (Windows' Scripts/*.exe launchers embed the path in binary; they are left as they are.)"""
+    scripts = os.path.join(venv_dir, "bin")
+    old = os.path.abspath(venv_dir).encode()
+    new = os.path.abspath(final_dir).encode()
+    changed = []
+    for name in _list_dir(scripts):
+        path = os.path.join(scripts, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as handle:
+                header = handle.readline()
+                if not header.startswith(b"#!"):
+                    continue
+                if header.startswith(b"#!/bin/sh"):  # pip's form for paths too long for #!:
+                    header += handle.readline()  # the next line execs the venv's python
+                if old not in header:
+                    continue
+                rest = handle.read()
+            with open(path, "wb") as handle:
+                handle.write(header.replace(old, new) + rest)
+            changed.append(path)
+        except OSError:
+            continue
+    return changed
+
+
 def _sibling(target: str, what: str) -> str:
     parent, name = os.path.split(os.path.abspath(target))
     return os.path.join(parent, f".{name}-{what}-{os.getpid()}-{int(time.time() * 1000)}")
@@ -763,6 +794,7 @@ class Installer:
                 json.dump(marker, handle, indent=2)
             if self.cancelled:
                 raise InstallCancelled()
+            retarget_scripts(self.building_dir, plan.target)
             self._swap_in()
         except BaseException:
             shutil.rmtree(self.building_dir, ignore_errors=True)

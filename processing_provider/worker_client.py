@@ -39,8 +39,8 @@ from qgis.core import QgsProcessingException, QgsProcessingFeedback
 from engine import job_protocol as protocol
 
 WORKER_MODULE = "engine.worker"
-CANCEL_GRACE_SECONDS = 1.5  # after the cancel request, before SIGTERM
-TERMINATE_GRACE_SECONDS = 0.3  # after SIGTERM, before SIGKILL
+CANCEL_GRACE_SECONDS = 1.4  # after the cancel request, before SIGTERM
+TERMINATE_GRACE_SECONDS = 0.2  # after SIGTERM, before SIGKILL (1.6 s + a poll in all)
 POLL_SECONDS = 0.05
 STDERR_TAIL_LINES = 40
 # Environment variables of the QGIS process that would make another Python load QGIS's

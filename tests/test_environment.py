@@ -321,6 +321,9 @@ def test_real_installer_end_to_end_then_offline_reinstall_keeps_it(tmp_path) -> 
 
     python = Path(env_mod.venv_python(str(target)))
     assert python.is_file()
+    # Built in a temporary folder, moved into place: its scripts point at the final folder.
+    header = "\n".join((target / "bin" / "pip").read_text().splitlines()[:2])
+    assert f"{target}/bin/python" in header and "building" not in header
     assert marker["versions"]["torch"].startswith("2.13.0")
     assert set(marker["versions"]) == {"numpy", "scipy", "scikit-learn", "scikit-image",
                                        "rasterio", "affine", "psutil", "torch", "hnswlib",
@@ -443,3 +446,21 @@ def test_command_line_where_install_remove(tmp_path) -> None:
         env_mod.venv_python(str(target)))
     removed = _cli("remove", "--target", str(target))
     assert removed.returncode == 0 and not target.exists()
+
+
+def test_retarget_scripts_points_shebangs_at_the_final_folder(tmp_path) -> None:
+    building = tmp_path / ".python-env-building-1"
+    (building / "bin").mkdir(parents=True)
+    pip = building / "bin" / "pip"
+    pip.write_text(f"#!{building}/bin/python\nimport sys\nprint('{building}')\n")
+    (building / "bin" / "activate").write_text("# no shebang\n")
+    long = building / "bin" / "torchrun"  # pip's form when the path is too long for #!
+    long.write_text(f"#!/bin/sh\n'''exec' '{building}/bin/python' \"$0\" \"$@\"\n' '''\nx\n")
+    (building / "bin" / "python").symlink_to("/usr/bin/python3")
+    changed = env_mod.retarget_scripts(str(building), str(tmp_path / "python-env"))
+    assert sorted(changed) == sorted([str(pip), str(long)])
+    assert long.read_text().splitlines()[1] == \
+        f"'''exec' '{tmp_path}/python-env/bin/python' \"$0\" \"$@\""
+    # Only the #! line changes.
+    assert pip.read_text() == f"#!{tmp_path}/python-env/bin/python\nimport sys\n" \
+        f"print('{building}')\n"
