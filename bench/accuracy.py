@@ -121,7 +121,7 @@ def label(row: dict) -> str:
 
 
 def accuracy_rows() -> list[dict]:
-    """Latest accuracy-suite run of each (scene, method, setting, seed)."""
+    """Latest run of each (scene, method, setting, seed) of the suite or with a setting."""
     if not RESULTS.exists():
         return []
     latest: dict[tuple, dict] = {}
@@ -129,7 +129,10 @@ def accuracy_rows() -> list[dict]:
         if not line.strip():
             continue
         row = json.loads(line)
-        if row.get("suite") != "accuracy" or row.get("superseded"):
+        # Also full-scene runs of other commands that record their setting (e.g. MS2A-Net runs
+        # of `python -m bench.run_all`, whose run_one writes "setting").
+        recorded_setting = row.get("setting") in SETTINGS and "[" not in row.get("scene", "[")
+        if row.get("superseded") or not (row.get("suite") == "accuracy" or recorded_setting):
             continue
         latest[(row["scene"], row["method"], row.get("setting"), row["seed"])] = row
     return list(latest.values())

@@ -44,7 +44,7 @@ over to other sensors (evidence: bench/ACCURACY.md and the notes of issue 13):
   instead lets clusters die (issue 2's notes).
 
 Measured (bench/ACCURACY.md, mean NMI of 3 seeds, adaptive / paper / k-means on the standardised
-spectra): Jasper Ridge 0.720 / 0.405 / 0.720, demo scene 0.723 / 0.571 (seed 0) / 0.824,
+spectra): Jasper Ridge 0.720 / 0.405 / 0.720, demo scene 0.723 / 0.565 (seed 0) / 0.824,
 enmap_potsdam 0.337 / 0.264 / 0.390. The adaptive setting is far better than
 the paper's on every scene measured, but still loses to k-means on the demo scene: its
 initialisation alone (k-means on the edge-aware input + SVD, epoch 0) scored 0.79 there, and
