@@ -45,10 +45,11 @@ over to other sensors (evidence: bench/ACCURACY.md and the notes of issue 13):
 
 Measured (bench/ACCURACY.md, mean NMI of 3 seeds, adaptive / paper / k-means on the standardised
 spectra): Jasper Ridge 0.720 / 0.405 / 0.720, demo scene 0.723 / 0.565 (seed 0) / 0.824,
-enmap_potsdam 0.337 / 0.264 / 0.390. The adaptive setting is far better than
-the paper's on every scene measured, but still loses to k-means on the demo scene: its
-initialisation alone (k-means on the edge-aware input + SVD, epoch 0) scored 0.79 there, and
-joint training moves away from it. Tried and dropped: centring the latent codes before the SVD
+enmap_potsdam 0.337 / 0.264 / 0.390, s2_aberystwyth 0.884 (seed 0; 3x3 context) / 0.690 /
+0.840. The adaptive setting is far better than the paper's on every scene measured, but still
+loses to k-means on the demo scene and enmap_potsdam. On the demo scene its initialisation
+alone (k-means on the edge-aware input + SVD, epoch 0) scored 0.79, and joint training moves
+away from it. Tried and dropped: centring the latent codes before the SVD
 and the affinity (``centre_codes=True``; Jasper Ridge 0.36), the latent-code k-means
 initialisation with the other adaptive choices (``init_partition="codes"``; 0.57 at 3x3).
 
