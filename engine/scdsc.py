@@ -469,8 +469,11 @@ class SCDSC:
         pad = self.patch_size_ // 2 + ENCODER_HALO
         if min(cube.shape[:2]) <= pad:
             raise ValueError(
-                f"The raster ({cube.shape[0]} x {cube.shape[1]} pixels) is smaller than the "
-                f"{self.patch_size_} x {self.patch_size_} patch the network needs."
+                f"The raster ({cube.shape[0]} x {cube.shape[1]} pixels) is too small: with a "
+                f"{self.patch_size_} x {self.patch_size_} patch the network needs at least "
+                f"{pad + 1} x {pad + 1} pixels (the patch plus its encoder's {ENCODER_HALO}-pixel "
+                "border, reflected at the raster edge). Choose a larger raster or a smaller "
+                "patch size."
             )
 
     # ---------------------------------------------------------------- stages

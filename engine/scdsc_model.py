@@ -177,9 +177,9 @@ def _apply(model: SCDSCModel, raster_path, out_path, bands, grid, monitor: Monit
                 f"{band_numbers} does not fit '{raster_path}' ({dataset.count} bands).")
         if min(grid.height, grid.width) <= halo:
             raise ValueError(
-                f"'{raster_path}' ({grid.height} x {grid.width} pixels) is smaller than the "
-                f"{model.estimator.patch_size_} x {model.estimator.patch_size_} patch the "
-                "network needs.")
+                f"'{raster_path}' ({grid.height} x {grid.width} pixels) is too small for this "
+                f"model: its {model.estimator.patch_size_} x {model.estimator.patch_size_} patch "
+                f"needs at least {halo + 1} x {halo + 1} pixels. Apply it to a larger raster.")
         reader = raster_window_reader(dataset, band_numbers)
         windows = tile_windows(grid.height, grid.width, model.estimator.inference_tile, halo)
         sizes = np.zeros(model.n_clusters + 1, dtype=np.int64)

@@ -318,7 +318,7 @@ def _(folder, kit):
                  protect=[source])
 
 
-@case("raster smaller than the SCDSC model's patch", "applymodel", "error", "smaller than")
+@case("raster smaller than the SCDSC model's patch", "applymodel", "error", "too small")
 def _(folder, kit):
     source = write_raster(folder / "tiny.tif", small_cube(height=3, width=3))
     return Setup({"INPUT": str(source), "MODEL": str(kit.model_scdsc),
