@@ -166,7 +166,8 @@ def table(rows: list[dict]) -> list[str]:
 def write_table(output: Path = TABLE) -> None:
     rows = accuracy_rows()
     dates = sorted({row.get("date", "?")[:10] for row in rows})
-    machines = sorted({row.get("machine", "?") for row in rows})
+    # Rows adopted from runs made before the suite existed carry no machine: leave them out.
+    machines = sorted({row["machine"] for row in rows if row.get("machine")}) or ["?"]
     report = [
         "# Accuracy: SCDSC and MS2A-Net in both settings against k-means", "",
         "Written by `make bench-accuracy` (`python -m bench.accuracy`) from the lines of "
